@@ -1,0 +1,216 @@
+"""Checkpoint files: this project's format, weights-only loading, and released-TTSR conversion.
+
+A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=True``)::
+
+    {"format": "ttsr", "version": 1,
+     "config": {"num_res_blocks": [16, 16, 8, 4], "n_feats": 64, "res_scale": 1.0,
+                "divisor": "overlap", "use_texture": True, "bicubic_skip": False},
+     "state_dict": {"generator.*": ..., "extractor.features.*": ...},
+     "metadata": {...free text fields: source, training command...}}
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ttsr.model.ttsr import TTSR
+
+FORMAT_NAME = "ttsr"
+FORMAT_VERSION = 1
+CONFIG_KEYS = ("num_res_blocks", "n_feats", "res_scale", "divisor", "use_texture", "bicubic_skip")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, corrupt, unsafe or of another model."""
+
+
+def model_config(model: TTSR) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model``'s architecture."""
+    generator = model.generator
+    return {
+        "num_res_blocks": list(generator.num_res_blocks),
+        "n_feats": generator.n_feats,
+        "res_scale": float(generator.SFE.RBs[0].res_scale) if len(generator.SFE.RBs) else 1.0,
+        "divisor": model.search_transfer.divisor,
+        "use_texture": model.use_texture,
+        "bicubic_skip": generator.bicubic_skip,
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: no partial files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: TTSR, path: str | Path, metadata: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``model``'s weights and architecture to ``path`` in the ttsr format."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_torch_save(
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": model_config(model),
+            "state_dict": state,
+            "metadata": dict(metadata or {}),
+        },
+        path,
+    )
+
+
+def read_weights_only(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors for the usual failures."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {path} needs arbitrary code to load (pickled objects), which ttsr refuses "
+            "for safety; re-save it as a plain state dict of tensors"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file: {error}") \
+            from error
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TTSR:
+    """Build the model stored in a ttsr checkpoint (weights-only load)."""
+    content = read_weights_only(path)
+    if not isinstance(content, dict) or content.get("format") != FORMAT_NAME:
+        hint = ""
+        if isinstance(content, dict) and any(str(k).startswith("MainNet.") for k in content):
+            hint = "; it looks like a released TTSR checkpoint: convert it with ttsr-convert first"
+        raise CheckpointError(f"{path} is not a ttsr checkpoint{hint}")
+    config = content.get("config", {})
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config entries {sorted(unknown)}")
+    model = TTSR(**config)
+    load_state_strict(model, content["state_dict"], source=str(path))
+    return model.to(map_location)
+
+
+def load_state_strict(model: TTSR, state: Mapping[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, reporting missing, unexpected and mis-shaped keys clearly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbreviate(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbreviate(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {_abbreviate(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit this architecture: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _abbreviate(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- released researchmm/TTSR checkpoints -------------------------------------------------------
+
+_LTE_KEY = re.compile(r"^LTE\.slice[123]\.(\d+)\.(weight|bias)$")
+_COUNTED_BLOCKS = ("SFE.RBs", "RB11", "RB21", "RB31")
+
+
+def _count_blocks(state: Mapping[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^MainNet\.{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def convert_released_state(
+    state: Mapping[str, Any], res_scale: float = 1.0
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Map a released TTSR state dict (``MainNet.*``, ``LTE.*``, ``LTE_copy.*``) to ours.
+
+    Returns ``(config, state_dict)``. Block counts and width are read from the keys and shapes;
+    ``divisor`` is ``"constant"``, as the released code divides every fold by 9. Raises
+    :class:`CheckpointError` on unknown, missing or mis-shaped keys.
+    """
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError("not a state dict (expected a mapping of key names to tensors)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    non_tensors = sorted(k for k, v in state.items() if not isinstance(v, Tensor))
+    if non_tensors:
+        raise CheckpointError(f"entries that are not tensors: {_abbreviate(non_tensors)}")
+    if "MainNet.SFE.conv_head.weight" not in state:
+        raise CheckpointError("no MainNet.SFE.conv_head.weight: not a released TTSR state dict")
+    n_feats = int(state["MainNet.SFE.conv_head.weight"].shape[0])
+    config = {
+        "num_res_blocks": [_count_blocks(state, p) for p in _COUNTED_BLOCKS],
+        "n_feats": n_feats,
+        "res_scale": float(res_scale),
+        "divisor": "constant",
+        "use_texture": True,
+        "bicubic_skip": False,
+    }
+    converted: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key.startswith("MainNet."):
+            converted["generator." + key.removeprefix("MainNet.")] = value
+        elif match := _LTE_KEY.match(key):
+            converted[f"extractor.features.{match.group(1)}.{match.group(2)}"] = value
+        elif key.startswith(("LTE_copy.", "LTE.sub_mean.")):
+            continue  # frozen copy for the loss / fixed ImageNet normalisation: not weights
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unknown keys for a released TTSR state dict: {_abbreviate(unknown)}")
+    model = TTSR(**config)
+    for name, buffer in model.state_dict().items():  # normalisation buffers are ours
+        if name.startswith("extractor.") and name.split(".")[-1] in ("mean", "std"):
+            converted[name] = buffer
+    load_state_strict(model, converted, source="released state dict")
+    return config, converted
+
+
+def convert_released_checkpoint(
+    source: str | Path, destination: str | Path, res_scale: float = 1.0
+) -> dict[str, Any]:
+    """Convert a released TTSR ``.pt`` file into a ttsr checkpoint; returns its config."""
+    content = read_weights_only(source)
+    if isinstance(content, Mapping) and "state_dict" in content and "MainNet.SFE.conv_head.weight" \
+            not in content:
+        content = content["state_dict"]
+    config, state = convert_released_state(content, res_scale=res_scale)
+    model = TTSR(**config)
+    model.load_state_dict(state)
+    save_checkpoint(model, destination, metadata={"converted_from": Path(source).name,
+                                                  "source_format": "researchmm/TTSR"})
+    return config

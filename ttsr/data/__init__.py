@@ -1,0 +1,1 @@
+"""Data: TTSR degradation, synthetic references, datasets and the Lightning DataModule."""

@@ -1,0 +1,177 @@
+"""Hard-attention texture search and transfer (TTSR section 3.2), the straightforward way.
+
+The relevance of every LR query patch to every reference patch is one batched matmul of
+L2-normalised 3x3 patch vectors; the best reference patch is then copied at three scales by
+gather-then-fold. This is the readable definition; :mod:`ttsr.model.fast_search_transfer`
+computes the same result in bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Divisor = Literal["overlap", "constant"]
+
+#: (kernel, stride, padding) of the transfer at relu3_1, relu2_1 and relu1_1 (scale 1, 2, 4).
+TRANSFER_GEOMETRY: dict[int, tuple[int, int, int]] = {1: (3, 1, 1), 2: (6, 2, 2), 4: (12, 4, 4)}
+
+#: The released TTSR code divides every folded level by this constant.
+CONSTANT_OVERLAP = 9.0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Outcome of the search: best reference position and its relevance for each LR position.
+
+    ``index``: ``[B, H*W]`` int64 into the reference positions (row-major over the relu3_1 grid of
+    each reference, references concatenated in order); ``relevance``: ``[B, H*W]``.
+    """
+
+    index: Tensor
+    relevance: Tensor
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """Soft attention ``[B, 1, H, W]``, textures at three scales, hard attention ``[B, H, W]``."""
+
+    soft_attention: Tensor
+    t_lv3: Tensor
+    t_lv2: Tensor
+    t_lv1: Tensor
+    index: Tensor
+
+
+def as_reference_list(tensors: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """Normalise one reference tensor or a sequence of them to a list."""
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def gather_blocks(unfolded: Tensor, index: Tensor) -> Tensor:
+    """Pick columns (blocks) of an unfolded tensor: ``[B, D, M]``, ``[B, N]`` -> ``[B, D, N]``.
+
+    ``out[b, d, n] = unfolded[b, d, index[b, n]]``: the index is expanded over the patch dimension.
+    """
+    expanded = index.unsqueeze(1).expand(-1, unfolded.size(1), -1)
+    return torch.gather(unfolded, 2, expanded)
+
+
+def unfold_patches(features: Tensor, scale: int) -> Tensor:
+    """Unfold ``[B, C, h, w]`` with the transfer geometry of ``scale`` -> ``[B, C*k*k, blocks]``."""
+    kernel, stride, padding = TRANSFER_GEOMETRY[scale]
+    return F.unfold(features, kernel_size=kernel, stride=stride, padding=padding)
+
+
+def fold_patches(blocks: Tensor, size: tuple[int, int], scale: int) -> Tensor:
+    """Fold ``[B, C*k*k, H*W]`` blocks back to ``[B, C, size]`` (overlaps summed)."""
+    kernel, stride, padding = TRANSFER_GEOMETRY[scale]
+    return F.fold(blocks, output_size=size, kernel_size=kernel, stride=stride, padding=padding)
+
+
+def search(query_lv3: Tensor, keys_lv3: Tensor | Sequence[Tensor]) -> SearchResult:
+    """Exhaustive cosine-similarity search of 3x3 patches.
+
+    Args:
+        query_lv3: relu3_1 of the upsampled LR, ``[B, C, H, W]``.
+        keys_lv3: relu3_1 of the down-up-sampled reference(s), each ``[B, C, Hr, Wr]``.
+    """
+    query = F.normalize(F.unfold(query_lv3, kernel_size=3, padding=1), dim=1)  # [B, 9C, N]
+    keys = torch.cat([F.unfold(k, kernel_size=3, padding=1) for k in as_reference_list(keys_lv3)], 2)
+    keys = F.normalize(keys, dim=1).transpose(1, 2)  # [B, M, 9C]
+    relevance = torch.bmm(keys, query)  # [B, M, N]
+    best, index = torch.max(relevance, dim=1)
+    return SearchResult(index=index, relevance=best)
+
+
+def transfer(
+    references: Tensor | Sequence[Tensor],
+    index: Tensor,
+    lr_size: tuple[int, int],
+    scale: int,
+    divisor: Divisor = "overlap",
+) -> Tensor:
+    """Copy the indexed reference patches at ``scale`` and fold them onto the LR grid.
+
+    Args:
+        references: reference features at this scale, each ``[B, C, scale*Hr_i, scale*Wr_i]``.
+        index: ``[B, H*W]`` from :func:`search`.
+        lr_size: ``(H, W)`` of the relu3_1 query grid.
+        scale: 1, 2 or 4 (relu3_1, relu2_1, relu1_1).
+        divisor: ``"overlap"`` divides by the number of patches that really cover each output
+            pixel; ``"constant"`` divides by 9, as the released TTSR code does.
+    Returns:
+        ``[B, C, scale*H, scale*W]``.
+    """
+    references = as_reference_list(references)
+    out_size = (lr_size[0] * scale, lr_size[1] * scale)
+    unfolded = torch.cat([unfold_patches(r, scale) for r in references], 2)
+    folded = fold_patches(gather_blocks(unfolded, index), out_size, scale)
+    if divisor == "constant":
+        return folded / CONSTANT_OVERLAP
+    if divisor != "overlap":
+        raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
+    ones = torch.cat([unfold_patches(torch.ones_like(r[:, :1]), scale) for r in references], 2)
+    overlap_count = fold_patches(gather_blocks(ones, index), out_size, scale)
+    return folded / overlap_count
+
+
+class SearchTransfer(nn.Module):
+    """TTSR's hard-attention search and texture transfer at three scales.
+
+    ``forward(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3) -> (S, T_lv3, T_lv2, T_lv1)``:
+
+    - ``lrsr_lv3``: relu3_1 of LR-up, ``[B, 256, H, W]``;
+    - ``refsr_lv3``: relu3_1 of Ref-down-up, ``[B, 256, Hr, Wr]``;
+    - ``ref_lv1``, ``ref_lv2``, ``ref_lv3``: relu1_1, relu2_1, relu3_1 of the reference
+      (``4Hr x 4Wr``, ``2Hr x 2Wr``, ``Hr x Wr``).
+
+    Every reference argument may also be a list (one entry per reference image, sizes free):
+    each LR patch then takes its best match over all references jointly.
+
+    Returns the soft attention ``S`` ``[B, 1, H, W]`` (the best relevance) and the transferred
+    textures ``T_lv3`` ``[B, 256, H, W]``, ``T_lv2`` ``[B, 128, 2H, 2W]``, ``T_lv1``
+    ``[B, 64, 4H, 4W]``. :meth:`search_and_transfer` also returns the hard attention.
+    """
+
+    def __init__(self, divisor: Divisor = "overlap") -> None:
+        super().__init__()
+        if divisor not in ("overlap", "constant"):
+            raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
+        self.divisor: Divisor = divisor
+
+    def forward(
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        ref_lv1: Tensor | Sequence[Tensor],
+        ref_lv2: Tensor | Sequence[Tensor],
+        ref_lv3: Tensor | Sequence[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
+        return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
+
+    def search_and_transfer(
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        ref_lv1: Tensor | Sequence[Tensor],
+        ref_lv2: Tensor | Sequence[Tensor],
+        ref_lv3: Tensor | Sequence[Tensor],
+    ) -> TransferResult:
+        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
+        batch, _, height, width = lrsr_lv3.shape
+        found = search(lrsr_lv3, refsr_lv3)
+        size = (height, width)
+        return TransferResult(
+            soft_attention=found.relevance.view(batch, 1, height, width),
+            t_lv3=transfer(ref_lv3, found.index, size, 1, self.divisor),
+            t_lv2=transfer(ref_lv2, found.index, size, 2, self.divisor),
+            t_lv1=transfer(ref_lv1, found.index, size, 4, self.divisor),
+            index=found.index.view(batch, height, width),
+        )

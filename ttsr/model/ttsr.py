@@ -1,0 +1,143 @@
+"""The TTSR network: texture extractor + search/transfer + generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ttsr.model.extractor import TextureExtractor
+from ttsr.model.generator import DEFAULT_BLOCKS, Generator
+from ttsr.model.search_transfer import Divisor, SearchTransfer, TransferResult
+
+#: Smallest reference side (pixels): one relu3_1 position needs a 4x4 reference.
+MIN_REFERENCE_SIDE = 4
+
+
+@dataclass(frozen=True)
+class TTSROutput:
+    """What one forward pass returns.
+
+    ``sr`` ``[B, 3, 4H, 4W]`` in [-1, 1]; ``soft_attention`` ``[B, 1, H, W]``; textures ``t_lv3``
+    ``[B, 256, H, W]``, ``t_lv2`` ``[B, 128, 2H, 2W]``, ``t_lv1`` ``[B, 64, 4H, 4W]``; ``index``
+    ``[B, H, W]``: best reference position (row-major over the relu3_1 grids of the references,
+    concatenated in order). Textures, attention and index are ``None`` for a texture-less model.
+    """
+
+    sr: Tensor
+    soft_attention: Tensor | None = None
+    t_lv3: Tensor | None = None
+    t_lv2: Tensor | None = None
+    t_lv1: Tensor | None = None
+    index: Tensor | None = None
+
+
+def crop_to_multiple_of_4(image: Tensor) -> Tensor:
+    """Crop ``[B, C, H, W]`` at the bottom/right to sides divisible by 4 (as the released code)."""
+    height, width = image.shape[-2:]
+    return image[..., : height // 4 * 4, : width // 4 * 4]
+
+
+def check_inputs(lr: Tensor, lrsr: Tensor, refs: list[Tensor], refsrs: list[Tensor]) -> None:
+    """Raise ``ValueError`` for empty, mis-shaped or too-small inputs."""
+    if lr.dim() != 4 or lr.size(1) != 3 or lr.numel() == 0:
+        raise ValueError(f"lr must be a non-empty [B, 3, H, W] tensor, got {tuple(lr.shape)}")
+    expected = (lr.size(0), 3, lr.size(2) * 4, lr.size(3) * 4)
+    if tuple(lrsr.shape) != expected:
+        raise ValueError(f"lrsr must be the x4 upsampled lr {expected}, got {tuple(lrsr.shape)}")
+    if not refs or len(refs) != len(refsrs):
+        raise ValueError("give one refsr for each reference, and at least one reference")
+    for ref, refsr in zip(refs, refsrs, strict=True):
+        if ref.dim() != 4 or ref.size(1) != 3 or ref.size(0) != lr.size(0):
+            raise ValueError(f"reference must be [B, 3, H, W] with B={lr.size(0)}, "
+                             f"got {tuple(ref.shape)}")
+        if min(ref.shape[-2:]) < MIN_REFERENCE_SIDE:
+            raise ValueError(f"reference {tuple(ref.shape[-2:])} is too small: each side needs at "
+                             f"least {MIN_REFERENCE_SIDE} pixels")
+        if refsr.shape != ref.shape:
+            raise ValueError(f"refsr {tuple(refsr.shape)} must match its reference "
+                             f"{tuple(ref.shape)}")
+
+
+class TTSR(nn.Module):
+    """Texture Transformer Network for x4 reference-based super-resolution.
+
+    Args:
+        num_res_blocks: residual blocks of the generator (SFE, x1, x2, x4 stages).
+        n_feats: generator width.
+        res_scale: residual scaling.
+        divisor: ``"overlap"`` (exact fold average) or ``"constant"`` (released code's /9).
+        extractor_init: texture extractor initialisation (see :class:`TextureExtractor`).
+        use_texture: ``False`` removes the whole texture path (single-image ablation).
+        bicubic_skip: the generator adds the bicubic upsampled LR to its output.
+    """
+
+    def __init__(
+        self,
+        num_res_blocks: Sequence[int] = DEFAULT_BLOCKS,
+        n_feats: int = 64,
+        res_scale: float = 1.0,
+        divisor: Divisor = "overlap",
+        extractor_init: str | Path = "random",
+        use_texture: bool = True,
+        bicubic_skip: bool = False,
+    ) -> None:
+        super().__init__()
+        self.generator = Generator(num_res_blocks, n_feats, res_scale, use_texture, bicubic_skip)
+        self.extractor = TextureExtractor(extractor_init)
+        self.search_transfer = SearchTransfer(divisor)
+        self.use_texture = use_texture
+
+    def transfer_textures(
+        self, lrsr: Tensor, refs: Sequence[Tensor], refsrs: Sequence[Tensor]
+    ) -> TransferResult:
+        """Search the references for every LR patch and transfer their textures.
+
+        Images are in [-1, 1]: ``lrsr`` ``[B, 3, 4H, 4W]``; each ref/refsr ``[B, 3, Hr, Wr]``
+        with sides that are multiples of 4.
+        """
+        _, _, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
+        refsr_lv3 = [self.extractor((r.detach() + 1.0) / 2.0)[2] for r in refsrs]
+        ref_levels = [self.extractor((r.detach() + 1.0) / 2.0) for r in refs]
+        return self.search_transfer.search_and_transfer(
+            lrsr_lv3,
+            refsr_lv3,
+            [lv[0] for lv in ref_levels],
+            [lv[1] for lv in ref_levels],
+            [lv[2] for lv in ref_levels],
+        )
+
+    def forward(
+        self,
+        lr: Tensor,
+        lrsr: Tensor,
+        ref: Tensor | Sequence[Tensor],
+        refsr: Tensor | Sequence[Tensor],
+    ) -> TTSROutput:
+        """Super-resolve ``lr`` ``[B, 3, H, W]`` (in [-1, 1]) with one or several references.
+
+        ``lrsr`` is ``lr`` bicubic-upsampled x4; ``ref`` the reference(s) and ``refsr`` each
+        reference bicubic-downsampled x4 and upsampled back. References of any size at least 4x4
+        are accepted; sides that are not multiples of 4 are cropped at the bottom/right.
+        """
+        refs = [ref] if isinstance(ref, Tensor) else list(ref)
+        refsrs = [refsr] if isinstance(refsr, Tensor) else list(refsr)
+        check_inputs(lr, lrsr, refs, refsrs)
+        if not self.use_texture:
+            return TTSROutput(sr=self.generator(lr, lrsr=lrsr))
+        refs = [crop_to_multiple_of_4(r) for r in refs]
+        refsrs = [crop_to_multiple_of_4(r) for r in refsrs]
+        textures = self.transfer_textures(lrsr, refs, refsrs)
+        sr = self.generator(
+            lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
+        )
+        return TTSROutput(
+            sr=sr,
+            soft_attention=textures.soft_attention,
+            t_lv3=textures.t_lv3,
+            t_lv2=textures.t_lv2,
+            t_lv1=textures.t_lv1,
+            index=textures.index,
+        )
