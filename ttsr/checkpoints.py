@@ -93,8 +93,9 @@ def read_weights_only(path: str | Path) -> Any:
             "for safety; re-save it as a plain state dict of tensors"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file: {error}") \
-            from error
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch file: {error}"
+        ) from error
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TTSR:
@@ -191,7 +192,7 @@ def convert_released_state(
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unknown keys for a released TTSR state dict: {_abbreviate(unknown)}")
+        raise CheckpointError(f"unknown keys in a released TTSR state dict: {_abbreviate(unknown)}")
     model = TTSR(**config)
     for name, buffer in model.state_dict().items():  # normalisation buffers are ours
         if name.startswith("extractor.") and name.split(".")[-1] in ("mean", "std"):
@@ -205,12 +206,18 @@ def convert_released_checkpoint(
 ) -> dict[str, Any]:
     """Convert a released TTSR ``.pt`` file into a ttsr checkpoint; returns its config."""
     content = read_weights_only(source)
-    if isinstance(content, Mapping) and "state_dict" in content and "MainNet.SFE.conv_head.weight" \
-            not in content:
+    if (
+        isinstance(content, Mapping)
+        and "state_dict" in content
+        and "MainNet.SFE.conv_head.weight" not in content
+    ):
         content = content["state_dict"]
     config, state = convert_released_state(content, res_scale=res_scale)
     model = TTSR(**config)
     model.load_state_dict(state)
-    save_checkpoint(model, destination, metadata={"converted_from": Path(source).name,
-                                                  "source_format": "researchmm/TTSR"})
+    save_checkpoint(
+        model,
+        destination,
+        metadata={"converted_from": Path(source).name, "source_format": "researchmm/TTSR"},
+    )
     return config

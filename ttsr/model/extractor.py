@@ -26,13 +26,18 @@ def bundled_vgg_path() -> Path:
 def _vgg19_head() -> nn.Sequential:
     """VGG19 ``features[0:12]`` with torchvision's layer indices (so state-dict keys match)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(inplace=True),  # 0, 1: relu1_1
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),  # 2, 3
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(inplace=True),  # 0, 1: relu1_1
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(inplace=True),  # 2, 3
         nn.MaxPool2d(2, 2),  # 4
-        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),  # 5, 6: relu2_1
-        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(inplace=True),  # 7, 8
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.ReLU(inplace=True),  # 5, 6: relu2_1
+        nn.Conv2d(128, 128, 3, padding=1),
+        nn.ReLU(inplace=True),  # 7, 8
         nn.MaxPool2d(2, 2),  # 9
-        nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(inplace=True),  # 10, 11: relu3_1
+        nn.Conv2d(128, 256, 3, padding=1),
+        nn.ReLU(inplace=True),  # 10, 11: relu3_1
     ]
     return nn.Sequential(*layers)
 

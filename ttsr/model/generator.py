@@ -1,4 +1,4 @@
-"""TTSR's SR generator: shallow features, soft-attention fusion at x1/x2/x4, cross-scale integration.
+"""TTSR's generator: shallow features, soft-attention fusion at x1/x2/x4, cross-scale integration.
 
 Module and attribute names follow the released ``MainNet`` so that its weights load one-to-one.
 """
@@ -210,12 +210,13 @@ class Generator(nn.Module):
         t_lv1: Tensor | None = None,
         lrsr: Tensor | None = None,
     ) -> Tensor:
-        """``lr`` ``[B, 3, H, W]`` in [-1, 1] (+ S ``[B,1,H,W]`` and textures) -> ``[B, 3, 4H, 4W]``.
+        """``lr`` ``[B, 3, H, W]`` in [-1, 1] (+ S and textures) -> ``[B, 3, 4H, 4W]``.
 
         ``lrsr`` (the bicubic x4 of ``lr``) is needed only with ``bicubic_skip``.
         """
-        if self.use_texture and (soft_attention is None or t_lv1 is None or t_lv2 is None
-                                 or t_lv3 is None):
+        if self.use_texture and (
+            soft_attention is None or t_lv1 is None or t_lv2 is None or t_lv3 is None
+        ):
             raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
         if self.bicubic_skip and lrsr is None:
             raise ValueError("this generator adds the bicubic image: pass lrsr")

@@ -82,7 +82,8 @@ def search(query_lv3: Tensor, keys_lv3: Tensor | Sequence[Tensor]) -> SearchResu
         keys_lv3: relu3_1 of the down-up-sampled reference(s), each ``[B, C, Hr, Wr]``.
     """
     query = F.normalize(F.unfold(query_lv3, kernel_size=3, padding=1), dim=1)  # [B, 9C, N]
-    keys = torch.cat([F.unfold(k, kernel_size=3, padding=1) for k in as_reference_list(keys_lv3)], 2)
+    keys = [F.unfold(k, kernel_size=3, padding=1) for k in as_reference_list(keys_lv3)]
+    keys = torch.cat(keys, dim=2)
     keys = F.normalize(keys, dim=1).transpose(1, 2)  # [B, M, 9C]
     relevance = torch.bmm(keys, query)  # [B, M, N]
     best, index = torch.max(relevance, dim=1)

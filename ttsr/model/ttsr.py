@@ -51,14 +51,18 @@ def check_inputs(lr: Tensor, lrsr: Tensor, refs: list[Tensor], refsrs: list[Tens
         raise ValueError("give one refsr for each reference, and at least one reference")
     for ref, refsr in zip(refs, refsrs, strict=True):
         if ref.dim() != 4 or ref.size(1) != 3 or ref.size(0) != lr.size(0):
-            raise ValueError(f"reference must be [B, 3, H, W] with B={lr.size(0)}, "
-                             f"got {tuple(ref.shape)}")
+            raise ValueError(
+                f"reference must be [B, 3, H, W] with B={lr.size(0)}, got {tuple(ref.shape)}"
+            )
         if min(ref.shape[-2:]) < MIN_REFERENCE_SIDE:
-            raise ValueError(f"reference {tuple(ref.shape[-2:])} is too small: each side needs at "
-                             f"least {MIN_REFERENCE_SIDE} pixels")
+            raise ValueError(
+                f"reference {tuple(ref.shape[-2:])} is too small: each side needs at "
+                f"least {MIN_REFERENCE_SIDE} pixels"
+            )
         if refsr.shape != ref.shape:
-            raise ValueError(f"refsr {tuple(refsr.shape)} must match its reference "
-                             f"{tuple(ref.shape)}")
+            raise ValueError(
+                f"refsr {tuple(refsr.shape)} must match its reference {tuple(ref.shape)}"
+            )
 
 
 class TTSR(nn.Module):
