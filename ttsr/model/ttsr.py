@@ -12,6 +12,9 @@ from ttsr.model.extractor import TextureExtractor
 from ttsr.model.generator import DEFAULT_BLOCKS, Generator
 from ttsr.model.search_transfer import Divisor, SearchTransfer, TransferResult
 
+#: Implementations of the search/transfer step; they compute the same result.
+SEARCH_IMPLEMENTATIONS = ("straightforward", "fast")
+
 #: Smallest reference side (pixels): one relu3_1 position needs a 4x4 reference.
 MIN_REFERENCE_SIDE = 4
 
@@ -32,6 +35,31 @@ class TTSROutput:
     t_lv2: Tensor | None = None
     t_lv1: Tensor | None = None
     index: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceFeatures:
+    """Texture-extractor features of the reference(s), computed once and reused across LR tiles.
+
+    One list entry per reference: ``refsr_lv3`` (relu3_1 of Ref-down-up, ``[B, 256, Hr, Wr]``),
+    ``ref_lv1``/``ref_lv2``/``ref_lv3`` (relu1_1, relu2_1, relu3_1 of the reference).
+    """
+
+    refsr_lv3: list[Tensor]
+    ref_lv1: list[Tensor]
+    ref_lv2: list[Tensor]
+    ref_lv3: list[Tensor]
+
+
+def build_search_transfer(implementation: str, divisor: Divisor) -> nn.Module:
+    """The search/transfer module: ``"straightforward"`` (the definition) or ``"fast"``."""
+    if implementation == "straightforward":
+        return SearchTransfer(divisor)
+    if implementation == "fast":
+        from ttsr.model.fast_search_transfer import FastSearchTransfer
+
+        return FastSearchTransfer(divisor)
+    raise ValueError(f"search must be one of {SEARCH_IMPLEMENTATIONS}, not {implementation!r}")
 
 
 def crop_to_multiple_of_4(image: Tensor) -> Tensor:
@@ -76,6 +104,7 @@ class TTSR(nn.Module):
         extractor_init: texture extractor initialisation (see :class:`TextureExtractor`).
         use_texture: ``False`` removes the whole texture path (single-image ablation).
         bicubic_skip: the generator adds the bicubic upsampled LR to its output.
+        search: ``"straightforward"`` or ``"fast"`` search/transfer (same result; not a weight).
     """
 
     def __init__(
@@ -87,30 +116,62 @@ class TTSR(nn.Module):
         extractor_init: str | Path = "random",
         use_texture: bool = True,
         bicubic_skip: bool = False,
+        search: str = "straightforward",
     ) -> None:
         super().__init__()
         self.generator = Generator(num_res_blocks, n_feats, res_scale, use_texture, bicubic_skip)
         self.extractor = TextureExtractor(extractor_init)
-        self.search_transfer = SearchTransfer(divisor)
+        self.divisor: Divisor = divisor
+        self.search_transfer = build_search_transfer(search, divisor)
         self.use_texture = use_texture
 
-    def transfer_textures(
-        self, lrsr: Tensor, refs: Sequence[Tensor], refsrs: Sequence[Tensor]
-    ) -> TransferResult:
-        """Search the references for every LR patch and transfer their textures.
+    def set_search(self, implementation: str) -> None:
+        """Switch the search/transfer implementation (they hold no weights)."""
+        self.search_transfer = build_search_transfer(implementation, self.divisor)
 
-        Images are in [-1, 1]: ``lrsr`` ``[B, 3, 4H, 4W]``; each ref/refsr ``[B, 3, Hr, Wr]``
-        with sides that are multiples of 4.
+    def extract_reference_features(
+        self, refs: Sequence[Tensor], refsrs: Sequence[Tensor]
+    ) -> ReferenceFeatures:
+        """Extractor features of references in [-1, 1] (sides multiples of 4), computed once."""
+        refsr_lv3 = [self.extractor((r.detach() + 1.0) / 2.0)[2] for r in refsrs]
+        levels = [self.extractor((r.detach() + 1.0) / 2.0) for r in refs]
+        return ReferenceFeatures(
+            refsr_lv3=refsr_lv3,
+            ref_lv1=[lv[0] for lv in levels],
+            ref_lv2=[lv[1] for lv in levels],
+            ref_lv3=[lv[2] for lv in levels],
+        )
+
+    def transfer_textures(self, lrsr: Tensor, references: ReferenceFeatures) -> TransferResult:
+        """Search the references for every LR-up patch and transfer their textures.
+
+        ``lrsr`` ``[B, 3, 4H, 4W]`` in [-1, 1]; ``references`` from
+        :meth:`extract_reference_features`.
         """
         _, _, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
-        refsr_lv3 = [self.extractor((r.detach() + 1.0) / 2.0)[2] for r in refsrs]
-        ref_levels = [self.extractor((r.detach() + 1.0) / 2.0) for r in refs]
         return self.search_transfer.search_and_transfer(
             lrsr_lv3,
-            refsr_lv3,
-            [lv[0] for lv in ref_levels],
-            [lv[1] for lv in ref_levels],
-            [lv[2] for lv in ref_levels],
+            references.refsr_lv3,
+            references.ref_lv1,
+            references.ref_lv2,
+            references.ref_lv3,
+        )
+
+    def forward_with_reference_features(
+        self, lr: Tensor, lrsr: Tensor, references: ReferenceFeatures
+    ) -> TTSROutput:
+        """:meth:`forward` with precomputed reference features (no input checks)."""
+        textures = self.transfer_textures(lrsr, references)
+        sr = self.generator(
+            lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
+        )
+        return TTSROutput(
+            sr=sr,
+            soft_attention=textures.soft_attention,
+            t_lv3=textures.t_lv3,
+            t_lv2=textures.t_lv2,
+            t_lv1=textures.t_lv1,
+            index=textures.index,
         )
 
     def forward(
@@ -133,15 +194,5 @@ class TTSR(nn.Module):
             return TTSROutput(sr=self.generator(lr, lrsr=lrsr))
         refs = [crop_to_multiple_of_4(r) for r in refs]
         refsrs = [crop_to_multiple_of_4(r) for r in refsrs]
-        textures = self.transfer_textures(lrsr, refs, refsrs)
-        sr = self.generator(
-            lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
-        )
-        return TTSROutput(
-            sr=sr,
-            soft_attention=textures.soft_attention,
-            t_lv3=textures.t_lv3,
-            t_lv2=textures.t_lv2,
-            t_lv1=textures.t_lv1,
-            index=textures.index,
-        )
+        references = self.extract_reference_features(refs, refsrs)
+        return self.forward_with_reference_features(lr, lrsr, references)
