@@ -4,7 +4,8 @@ A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_onl
 
     {"format": "ttsr", "version": 1,
      "config": {"num_res_blocks": [16, 16, 8, 4], "n_feats": 64, "res_scale": 1.0,
-                "divisor": "overlap", "use_texture": True, "bicubic_skip": False},
+                "divisor": "overlap", "use_texture": True, "bicubic_skip": False,
+                "transfer": "hard"},
      "state_dict": {"generator.*": ..., "extractor.features.*": ...},
      "metadata": {...free text fields: source, training command...}}
 """
@@ -27,7 +28,15 @@ from ttsr.model.ttsr import TTSR
 
 FORMAT_NAME = "ttsr"
 FORMAT_VERSION = 1
-CONFIG_KEYS = ("num_res_blocks", "n_feats", "res_scale", "divisor", "use_texture", "bicubic_skip")
+CONFIG_KEYS = (
+    "num_res_blocks",
+    "n_feats",
+    "res_scale",
+    "divisor",
+    "use_texture",
+    "bicubic_skip",
+    "transfer",
+)
 
 
 class CheckpointError(ValueError):
@@ -44,6 +53,7 @@ def model_config(model: TTSR) -> dict[str, Any]:
         "divisor": model.search_transfer.divisor,
         "use_texture": model.use_texture,
         "bicubic_skip": generator.bicubic_skip,
+        "transfer": model.transfer,
     }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -14,6 +14,9 @@ from ttsr.model.search_transfer import Divisor, SearchTransfer, TransferResult
 
 #: Implementations of the search/transfer step; they compute the same result.
 SEARCH_IMPLEMENTATIONS = ("straightforward", "fast")
+
+#: Texture transfer heads: the hard-attention copy, or deformable convolution seeded by it.
+TRANSFER_MODES = ("hard", "deformable")
 
 #: Smallest reference side (pixels): one relu3_1 position needs a 4x4 reference.
 MIN_REFERENCE_SIDE = 4
@@ -105,6 +108,9 @@ class TTSR(nn.Module):
         use_texture: ``False`` removes the whole texture path (single-image ablation).
         bicubic_skip: the generator adds the bicubic upsampled LR to its output.
         search: ``"straightforward"`` or ``"fast"`` search/transfer (same result; not a weight).
+        transfer: ``"hard"`` (TTSR's copy of the best patches) or ``"deformable"`` (the hard
+            search seeds a learned deformable transfer, :mod:`ttsr.model.deformable_transfer`,
+            which starts equal to the hard one).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class TTSR(nn.Module):
         use_texture: bool = True,
         bicubic_skip: bool = False,
         search: str = "straightforward",
+        transfer: str = "hard",
     ) -> None:
         super().__init__()
         self.generator = Generator(num_res_blocks, n_feats, res_scale, use_texture, bicubic_skip)
@@ -124,6 +131,14 @@ class TTSR(nn.Module):
         self.divisor: Divisor = divisor
         self.search_transfer = build_search_transfer(search, divisor)
         self.use_texture = use_texture
+        if transfer not in TRANSFER_MODES:
+            raise ValueError(f"transfer must be one of {TRANSFER_MODES}, not {transfer!r}")
+        self.transfer = transfer
+        self.deformable_transfer: nn.Module | None = None
+        if transfer == "deformable" and use_texture:
+            from ttsr.model.deformable_transfer import DeformableTransfer
+
+            self.deformable_transfer = DeformableTransfer(divisor=divisor)
 
     def set_search(self, implementation: str) -> None:
         """Switch the search/transfer implementation (they hold no weights)."""
@@ -148,14 +163,26 @@ class TTSR(nn.Module):
         ``lrsr`` ``[B, 3, 4H, 4W]`` in [-1, 1]; ``references`` from
         :meth:`extract_reference_features`.
         """
-        _, _, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
-        return self.search_transfer.search_and_transfer(
+        lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
+        result = self.search_transfer.search_and_transfer(
             lrsr_lv3,
             references.refsr_lv3,
             references.ref_lv1,
             references.ref_lv2,
             references.ref_lv3,
         )
+        if self.deformable_transfer is None:
+            return result
+        t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
+            result.index,
+            lrsr_lv1,
+            lrsr_lv2,
+            lrsr_lv3,
+            references.ref_lv1,
+            references.ref_lv2,
+            references.ref_lv3,
+        )
+        return replace(result, t_lv3=t_lv3, t_lv2=t_lv2, t_lv1=t_lv1)
 
     def forward_with_reference_features(
         self, lr: Tensor, lrsr: Tensor, references: ReferenceFeatures

@@ -1,0 +1,1 @@
+"""Command-line entry points (``ttsr-train``, ``ttsr-infer``, ``ttsr-eval``, ``ttsr-convert``)."""

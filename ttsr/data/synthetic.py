@@ -1,0 +1,255 @@
+"""Synthetic references: a training pair (HR crop, reference crop) cut from one photo.
+
+Public data sets of single photos have no reference images, so TTSR's training pairs are made
+from one photo:
+
+1. The HR crop is a random ``hr_size`` square of the photo.
+2. The reference is a ``ref_size`` square seen through a random *similarity transform* of the
+   same photo: magnified by ``scale`` (log-uniform in ``scale_range``; ``scale > 1`` shows the
+   content larger than in the HR crop), rotated by up to ``max_rotation`` degrees, and centred so
+   that its footprint covers only part of the HR crop (``overlap_range``: the fraction of the HR
+   crop that also appears in the reference). The reference therefore shares content and
+   texture with the HR crop without being aligned to it, like a second photo of the same scene.
+3. With probability ``aligned_probability`` the transform is a pure shift by a multiple of 4
+   pixels (scale 1, no rotation): the shared part then matches the HR crop exactly on the
+   4-pixel grid of the texture search, like a reference that is the HR image itself.
+4. The reference's colours are jittered (brightness, contrast, saturation factors in
+   ``[1 - color_jitter, 1 + color_jitter]``) and it is mirrored with ``flip_probability``.
+
+Shrinking (``scale < 1``) first resizes the photo with PIL's antialiased bicubic filter; the
+rotation and any magnification are then one bicubic ``cv2.warpAffine``. Footprints that leave
+the photo are kept inside it where the scale allows; otherwise the border is mirrored.
+
+Everything random is drawn from the ``numpy.random.Generator`` passed in: the same seed gives
+the same pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ttsr.data.degradation import bicubic_resize
+
+#: Attempts at placing the reference footprint within ``overlap_range`` before taking the best.
+PLACEMENT_ATTEMPTS = 32
+#: Luma weights for the saturation jitter.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SyntheticOptions:
+    """How synthetic references are drawn (see the module docstring)."""
+
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    max_rotation: float = 30.0
+    overlap_range: tuple[float, float] = (0.2, 0.8)
+    aligned_probability: float = 0.2
+    color_jitter: float = 0.1
+    flip_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
+        low, high = self.overlap_range
+        if not 0 < low <= high < 1:
+            raise ValueError(f"overlap_range must be 0 < low <= high < 1, got {self.overlap_range}")
+        for name in ("aligned_probability", "flip_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+
+
+@dataclass(frozen=True)
+class SyntheticPair:
+    """An HR crop, its synthetic reference, and how the reference was made.
+
+    ``hr`` ``hr_size x hr_size x 3`` and ``ref`` ``ref_size x ref_size x 3`` uint8; ``overlap``:
+    fraction of the HR crop inside the reference's footprint; ``scale``, ``rotation`` (degrees):
+    the similarity transform; ``hr_box`` ``(top, left, size)`` and ``ref_center`` ``(y, x)`` in
+    photo pixels; ``flipped``: the reference was mirrored.
+    """
+
+    hr: np.ndarray
+    ref: np.ndarray
+    overlap: float
+    scale: float
+    rotation: float
+    hr_box: tuple[int, int, int]
+    ref_center: tuple[float, float]
+    flipped: bool
+
+
+def rotation_matrix(degrees: float) -> np.ndarray:
+    """2x2 rotation acting on ``(x, y)`` column vectors."""
+    angle = math.radians(degrees)
+    return np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+
+def footprint_overlap(
+    hr_box: tuple[int, int, int],
+    ref_center: tuple[float, float],
+    ref_size: int,
+    scale: float,
+    rotation: float,
+) -> float:
+    """Fraction of the HR crop that lies inside the reference's footprint in the photo.
+
+    Measured on the HR crop's pixel centres (every second pixel): a point ``p`` of the photo is
+    in the reference when ``scale * R(-rotation) (p - ref_center)`` is within ``ref_size / 2``.
+    """
+    top, left, size = hr_box
+    steps = np.arange(0.5, size, 2.0)
+    ys, xs = np.meshgrid(top + steps, left + steps, indexing="ij")
+    offsets = np.stack([xs.ravel() - ref_center[1], ys.ravel() - ref_center[0]])
+    in_reference = scale * (rotation_matrix(rotation).T @ offsets)
+    inside = np.all(np.abs(in_reference) < ref_size / 2.0, axis=0)
+    return float(inside.mean())
+
+
+def _center_range(extent: int, half_footprint: float) -> tuple[float, float]:
+    """Centres along one axis that keep the footprint inside the photo (mid-point if none)."""
+    if 2 * half_footprint > extent:
+        return extent / 2.0, extent / 2.0
+    return half_footprint, extent - half_footprint
+
+
+def _place_reference(
+    photo_shape: tuple[int, int],
+    hr_box: tuple[int, int, int],
+    ref_size: int,
+    scale: float,
+    rotation: float,
+    aligned: bool,
+    options: SyntheticOptions,
+    rng: np.random.Generator,
+) -> tuple[tuple[float, float], float]:
+    """Draw the reference centre so that its footprint overlaps the HR crop partly."""
+    height, width = photo_shape
+    top, left, size = hr_box
+    angle = math.radians(rotation)
+    half = ref_size / scale * (abs(math.cos(angle)) + abs(math.sin(angle))) / 2.0
+    y_low, y_high = _center_range(height, half)
+    x_low, x_high = _center_range(width, half)
+    hr_y, hr_x = top + size / 2.0, left + size / 2.0
+    reach = size / 2.0 + half  # beyond this distance there is no overlap
+    y_low, y_high = max(y_low, hr_y - reach), min(y_high, hr_y + reach)
+    x_low, x_high = max(x_low, hr_x - reach), min(x_high, hr_x + reach)
+    low, high = options.overlap_range
+    best: tuple[float, tuple[float, float], float] | None = None
+    for _ in range(PLACEMENT_ATTEMPTS):
+        center_y = rng.uniform(y_low, y_high) if y_high > y_low else y_low
+        center_x = rng.uniform(x_low, x_high) if x_high > x_low else x_low
+        if aligned:  # reference top-left on the HR crop's 4-pixel grid
+            center_y = top + 4 * round((center_y - ref_size / 2 - top) / 4) + ref_size / 2
+            center_x = left + 4 * round((center_x - ref_size / 2 - left) / 4) + ref_size / 2
+        center = (center_y, center_x)
+        overlap = footprint_overlap(hr_box, center, ref_size, scale, rotation)
+        if low <= overlap <= high:
+            return center, overlap
+        miss = low - overlap if overlap < low else overlap - high
+        if 0 < overlap < 1 and (best is None or miss < best[0]):
+            best = (miss, center, overlap)
+    if best is not None:
+        return best[1], best[2]
+    # Degenerate photo (about the size of the crop): shift by half a crop; the mirrored border
+    # fills what leaves the photo.
+    center = (hr_y, hr_x + size / 2.0)
+    return center, footprint_overlap(hr_box, center, ref_size, scale, rotation)
+
+
+def warp_reference(
+    photo: np.ndarray, center: tuple[float, float], ref_size: int, scale: float, rotation: float
+) -> np.ndarray:
+    """Cut the ``ref_size`` square around ``center`` (photo pixels) magnified by ``scale`` and
+    rotated by ``rotation`` degrees; ``HxWx3`` uint8 -> ``ref_size x ref_size x 3`` uint8."""
+    height, width = photo.shape[:2]
+    source = photo
+    stretch = np.eye(2) / scale  # reference offset -> source offset
+    if scale < 1.0:  # antialiased shrink first, then the warp only rotates
+        new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+        source = bicubic_resize(photo, new_width, new_height)
+        stretch = np.diag([new_width / width, new_height / height]) / scale
+    factors = np.array([source.shape[1] / width, source.shape[0] / height])
+    center_xy = np.array([center[1], center[0]]) * factors
+    affine = stretch @ rotation_matrix(rotation)
+    # Continuous coordinates (pixel i covers [i, i+1)): src = c + A (dst + 0.5 - n/2) - 0.5.
+    shift = center_xy - 0.5 + affine @ np.full(2, 0.5 - ref_size / 2.0)
+    matrix = np.hstack([affine, shift[:, None]]).astype(np.float64)
+    return cv2.warpAffine(
+        np.ascontiguousarray(source),
+        matrix,
+        (ref_size, ref_size),
+        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+
+
+def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness, contrast and saturation factors in ``[1 - strength, 1 + strength]``."""
+    if strength == 0:
+        return image
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
+    values = image.astype(np.float32) * brightness
+    values = values.mean() + (values - values.mean()) * contrast
+    luma = (values @ _LUMA)[..., None]
+    values = luma + (values - luma) * saturation
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def synthesize_pair(
+    photo: np.ndarray,
+    hr_size: int,
+    ref_size: int,
+    rng: np.random.Generator,
+    options: SyntheticOptions | None = None,
+) -> SyntheticPair:
+    """Cut an HR crop and a partly overlapping, transformed reference from ``photo``.
+
+    Args:
+        photo: ``HxWx3`` uint8, at least ``hr_size`` on each side.
+        hr_size: side of the HR crop.
+        ref_size: side of the reference.
+        rng: the only source of randomness.
+        options: the transform's ranges (defaults: :class:`SyntheticOptions`).
+    """
+    options = options or SyntheticOptions()
+    height, width = photo.shape[:2]
+    if min(height, width) < hr_size:
+        raise ValueError(f"photo {width}x{height} is smaller than the {hr_size}-pixel HR crop")
+    top = int(rng.integers(0, height - hr_size + 1))
+    left = int(rng.integers(0, width - hr_size + 1))
+    hr_box = (top, left, hr_size)
+    aligned = rng.random() < options.aligned_probability
+    if aligned:
+        scale, rotation = 1.0, 0.0
+    else:
+        low, high = options.scale_range
+        scale = float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        rotation = float(rng.uniform(-options.max_rotation, options.max_rotation))
+        # Magnify at least enough for the footprint to fit the photo, within the scale range.
+        spread = abs(math.cos(math.radians(rotation))) + abs(math.sin(math.radians(rotation)))
+        scale = max(scale, min(high, ref_size * spread / min(height, width)))
+    center, overlap = _place_reference(
+        (height, width), hr_box, ref_size, scale, rotation, aligned, options, rng
+    )
+    ref = warp_reference(photo, center, ref_size, scale, rotation)
+    ref = jitter_colors(ref, options.color_jitter, rng)
+    flipped = bool(rng.random() < options.flip_probability)
+    if flipped:
+        ref = ref[:, ::-1]
+    return SyntheticPair(
+        hr=np.ascontiguousarray(photo[top : top + hr_size, left : left + hr_size]),
+        ref=np.ascontiguousarray(ref),
+        overlap=overlap,
+        scale=scale,
+        rotation=rotation,
+        hr_box=hr_box,
+        ref_center=center,
+        flipped=flipped,
+    )
