@@ -62,17 +62,23 @@ def test_fractional_offsets_interpolate_bilinearly():
 
 def test_tap_order_is_row_major_and_base_is_out_minus_padding_plus_tap_times_dilation():
     x = ramp(height=9, width=11)
+    padding, dilation = (1, 2), (2, 3)
+    out_h, out_w = 9 + 2 * 1 - 2 * 2, 11 + 2 * 2 - 2 * 3
     for tap, (ky, kx) in enumerate((ky, kx) for ky in range(3) for kx in range(3)):
         weight = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
         weight[0, 0, ky, kx] = 1.0
-        offset = torch.zeros(1, 18, 3, 4, dtype=torch.float64)
-        offset[:, 2 * tap] = 1.0  # dy of this tap only
-        # padding 1, dilation 3: out = 9 + 2 - 2*3 = 5 rows? use stride 1 and check positions.
-        out = deform_conv2d(x, offset, weight, padding=(0, 0), dilation=(3, 3))
-        for oy in range(3):
-            for ox in range(4):
-                y, x_ = oy - 0 + ky * 3 + 1, ox - 0 + kx * 3
-                assert out[0, 0, oy, ox].item() == x[0, 0, y, x_].item()
+        offset = torch.zeros(1, 18, out_h, out_w, dtype=torch.float64)
+        offset[:, 2 * tap] = 1.0  # dy of this tap
+        offset[:, 2 * tap + 1] = -1.0  # dx of this tap
+        out = deform_conv2d(x, offset, weight, padding=padding, dilation=dilation)
+        assert out.shape[-2:] == (out_h, out_w)
+        for oy in range(out_h):
+            for ox in range(out_w):
+                y = oy - padding[0] + ky * dilation[0] + 1
+                x_ = ox - padding[1] + kx * dilation[1] - 1
+                inside = 0 <= y < 9 and 0 <= x_ < 11
+                expected = x[0, 0, y, x_].item() if inside else 0.0
+                assert out[0, 0, oy, ox].item() == expected
 
 
 def test_output_geometry_maps_any_input_size_to_any_output_size():
@@ -82,7 +88,7 @@ def test_output_geometry_maps_any_input_size_to_any_output_size():
             assert extra in (0, 1) and padding >= 0 and dilation >= 1
             assert in_size + extra + 2 * padding - 2 * dilation == out_size
             x = torch.zeros(1, 1, in_size + extra, 3)
-            offset = torch.zeros(1, 18, out_size, 1)
+            offset = torch.zeros(1, 18, out_size, 3)
             out = deform_conv2d(
                 x, offset, torch.ones(1, 1, 3, 3), padding=(padding, 1), dilation=(dilation, 1)
             )

@@ -66,7 +66,8 @@ def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels, more than the "
-            f"{max_pixels / 1e6:.0f}-megapixel limit (decompression-bomb guard); downscale or crop it"
+            f"{max_pixels / 1e6:.0f}-megapixel limit (decompression-bomb guard); downscale or "
+            "crop it"
         )
 
 
@@ -126,8 +127,11 @@ def pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         if orientation not in (1, None):
             image = ImageOps.exif_transpose(image)
-            logger.info("%s: rotated/flipped upright as its EXIF orientation tag (%s) says", name,
-                        orientation)
+            logger.info(
+                "%s: rotated/flipped upright as its EXIF orientation tag (%s) says",
+                name,
+                orientation,
+            )
         mode = image.mode
         if mode == "RGB":
             return np.array(image)

@@ -39,6 +39,7 @@ PERCEPTUAL_INITS = ("torchvision", "random")
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights that cannot be had here (no network, no cached copy)."""
 
+
 # VGG19 configuration "E" up to conv5_1 ("M" = max-pool); features[0:30] ends at relu5_1.
 _VGG19_TO_CONV5_1 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M")
 _VGG19_TO_CONV5_1 += (512,)

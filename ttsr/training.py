@@ -83,7 +83,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class TTSRTraining(L.LightningModule):
     """TTSR with its training losses, optimisers and validation metrics.
 
-    Model args are those of :class:`ttsr.model.TTSR`. Loss weights: ``rec_weight`` (L1),
+    Model args are those of :class:`ttsr.model.TTSR` (``extractor_init`` only matters for a new
+    run: resuming and exporting load the trained weights). Loss weights: ``rec_weight`` (L1),
     ``per_weight`` (VGG19 relu5_1), ``tpl_weight`` (transferal perceptual), ``adv_weight``
     (WGAN-GP); a zero weight leaves its network unbuilt (no VGG19 without ``per_weight``, no
     discriminator without ``adv_weight``).
@@ -112,6 +113,8 @@ class TTSRTraining(L.LightningModule):
         extractor_init: str = "bundled",
         use_texture: bool = True,
         bicubic_skip: bool = False,
+        search: str = "straightforward",
+        transfer: str = "hard",
         rec_weight: float = DEFAULT_WEIGHTS.reconstruction,
         per_weight: float = DEFAULT_WEIGHTS.perceptual,
         tpl_weight: float = DEFAULT_WEIGHTS.transferal,
@@ -140,10 +143,19 @@ class TTSRTraining(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = TTSR(
-            num_res_blocks, n_feats, res_scale, divisor, extractor_init, use_texture, bicubic_skip
+            num_res_blocks,
+            n_feats,
+            res_scale,
+            divisor,
+            extractor_init,
+            use_texture,
+            bicubic_skip,
+            search,
+            transfer,
         )
-        if not use_texture:
-            self.model.extractor.requires_grad_(False)  # unused: keep it out of DDP and Adam
+        if not use_texture or extractor_lr == 0:
+            # unused, or frozen by the recipe: keep it out of autograd, DDP and Adam
+            self.model.extractor.requires_grad_(False)
         self.perceptual = PerceptualLoss(perceptual_init) if per_weight else None
         self.discriminator = Discriminator(discriminator_size) if adv_weight else None
         #: Training commands of this run, oldest first (kept in checkpoints, copied on export).
@@ -154,7 +166,7 @@ class TTSRTraining(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = [{"params": list(self.model.generator.parameters()), "lr": hp.lr}]
-        if hp.use_texture:
+        if hp.use_texture and hp.extractor_lr > 0:
             groups.append(
                 {"params": list(self.model.extractor.parameters()), "lr": hp.extractor_lr}
             )

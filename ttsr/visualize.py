@@ -163,7 +163,7 @@ def bar_chart(
     top = 28
     for row, name in enumerate(names):
         draw.text((4, top + row * group), name[:24], fill=(0, 0, 0), font=font)
-        for column, (label, column_values) in enumerate(series.items()):
+        for column, column_values in enumerate(series.values()):
             value = column_values[row]
             if not np.isfinite(value):
                 continue

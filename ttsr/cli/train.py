@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,10 @@ from ttsr.losses import WeightsUnavailableError
 from ttsr.training import AtomicCheckpointIO, TTSRTraining, export_weights
 
 PROG = "ttsr-train"
+
+# Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what
+# resuming needs (they match the optimiser state and the step count).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 #: Exceptions that mean bad input (files, options), reported in one line with exit code 2.
 BAD_INPUT = (
     ArgumentError,
@@ -100,8 +105,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BAD_INPUT as error:
         if debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"{PROG}: error: {message} (--help for usage, --debug for a traceback)", file=sys.stderr)
+        message = " ".join(str(error).split()) or repr(error)
+        if len(message) > 400:
+            message = message[:400] + " ..."
+        print(
+            f"{PROG}: error: {message} (--help for usage, --debug for a traceback)", file=sys.stderr
+        )
         sys.exit(2)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ttsr.data.datasets import (
     Cufed5Dataset,
@@ -64,9 +64,12 @@ class TTSRDataModule(L.LightningDataModule):
         repeats: visits of each synthetic-layout photo per epoch (an epoch's length).
         lr_reference_probability: share of training batches whose reference is their own LR
             patch (see :class:`TrainingCollate`).
-        val_dirs: folders of HR validation images.
-        val_references: one validation set per entry: ``"lr"`` (LR as its own reference),
-            ``"hr"`` (HR as reference) or a folder of references named like the HR images.
+        val_layout: ``"folder"``: ``val_dirs`` hold HR images; ``"cufed5"``: ``val_dirs`` is one
+            folder in CUFED5's layout.
+        val_dirs: validation folders (see ``val_layout``).
+        val_references: one validation set per entry. ``"folder"`` layout: ``"lr"`` (LR as its
+            own reference), ``"hr"`` (HR as reference) or a folder of references named like the
+            HR images; ``"cufed5"`` layout: reference levels ``"1"`` .. ``"5"``.
         val_limit: use only the first ``val_limit`` validation images (by name).
         test_layout: ``"cufed5"`` (``test_dir`` in CUFED5's layout) or ``"folder"`` (HR images
             with ``test_reference`` as in ``val_references``).
@@ -85,6 +88,7 @@ class TTSRDataModule(L.LightningDataModule):
         synthetic: SyntheticOptions | None = None,
         repeats: int = 1,
         lr_reference_probability: float = 0.0,
+        val_layout: Literal["folder", "cufed5"] = "folder",
         val_dirs: Sequence[str] = (),
         val_references: Sequence[str] = ("lr",),
         val_limit: int | None = None,
@@ -102,6 +106,7 @@ class TTSRDataModule(L.LightningDataModule):
         self.synthetic = synthetic or SyntheticOptions()
         self.repeats = repeats
         self.collate = TrainingCollate(lr_reference_probability)
+        self.val_layout = val_layout
         self.val_dirs = list(val_dirs)
         self.val_references = list(val_references)
         self.val_limit = val_limit
@@ -119,10 +124,7 @@ class TTSRDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             self.train_set = self._train_dataset()
         if stage in ("fit", "validate") and not self.val_sets and self.val_dirs:
-            self.val_sets = [
-                ValidationDataset(self.val_dirs, reference, self.val_limit)
-                for reference in self.val_references
-            ]
+            self.val_sets = [self._val_dataset(reference) for reference in self.val_references]
         if stage == "validate" and not self.val_dirs:
             raise ValueError("validate needs data.val_dirs")
         if stage == "test" and self.test_set is None:
@@ -138,6 +140,19 @@ class TTSRDataModule(L.LightningDataModule):
         if len(self.train_dirs) != 1:
             raise ValueError("the cufed layout takes one train_dirs entry: the CUFED train root")
         return CufedTrainDataset(self.train_dirs[0], self.patch_size)
+
+    def _val_dataset(self, reference: str) -> Dataset:
+        if self.val_layout == "folder":
+            return ValidationDataset(self.val_dirs, reference, self.val_limit)
+        if len(self.val_dirs) != 1 or not str(reference).isdigit():
+            raise ValueError(
+                "the cufed5 validation layout takes one val_dirs entry and levels 1..5 as "
+                f"val_references, got {self.val_dirs} and {reference!r}"
+            )
+        dataset = Cufed5Dataset(self.val_dirs[0], int(reference))
+        if self.val_limit is not None:
+            dataset = Subset(dataset, range(min(self.val_limit, len(dataset))))
+        return dataset
 
     def _test_dataset(self) -> Dataset:
         if self.test_dir is None:

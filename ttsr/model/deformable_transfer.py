@@ -22,7 +22,9 @@ i]``), so that the whole head starts as ``sum_k mask_k * reference(target_k)``: 
 transfer, at every pixel, borders included** (float rounding aside: the head sums
 ``w_k * v_k`` where the fold computes ``sum(v_k) / count``; about ``1e-16`` relative in float64,
 ``1e-7`` in float32). The offset predictor sees the LR features and the reference warped by the
-central tap (:func:`ttsr.model.flow.warp`).
+central tap (:func:`ttsr.model.flow.warp`). Residual offsets are in pixels of their level's grid.
+Invalid taps (no neighbour patch, or a target outside the reference) keep mask 0 for good; at the
+integer start the gradient w.r.t. the offsets is the one-sided difference of bilinear sampling.
 
 **Reference grid versus LR grid.** ``deform_conv2d`` samples its input at ``out * stride - padding
 + tap * dilation + offset`` and its output size follows from the input size, whereas we need the
@@ -180,35 +182,44 @@ def deform_transfer(
         residual_offset: ``[B, 2*G*9, s*H, s*W]`` in deform layout (``dy, dx``), fine pixels.
         mask_logits: ``[B, G*9, s*H, s*W]``; the mask is ``hard_weight * 2 * sigmoid(logits)``.
     Returns:
-        ``[B, C_out, s*H, s*W]``. With no residual and no logits this is the hard sampling.
+        ``[B, C_out, s*H, s*W]`` in ``canvas``'s dtype. With no residual and no logits this is the
+        hard sampling. Coordinates are computed in float32 or better whatever the features'
+        dtype (float16 represents integers exactly only up to 2048, bfloat16 up to 256).
     """
     batch, _, height, width = plan.flow.shape
+    expected = (scale * plan.canvas_size[0], scale * plan.canvas_size[1])
+    if tuple(canvas.shape[-2:]) != expected:
+        raise ValueError(f"canvas must be {expected} at scale {scale}, got {tuple(canvas.shape)}")
+    out_dtype = canvas.dtype
+    dtype = torch.promote_types(canvas.dtype, torch.float32)
+    canvas, weight = canvas.to(dtype), weight.to(dtype)
     out_h, out_w = scale * height, scale * width
     extra_h, pad_h, dil_h = output_geometry(canvas.size(-2), out_h)
     extra_w, pad_w, dil_w = output_geometry(canvas.size(-1), out_w)
     if extra_h or extra_w:
         canvas = F.pad(canvas, (0, extra_w, 0, extra_h))
-    tap_row = torch.tensor([ky + 1 for ky, _ in TAPS], device=canvas.device, dtype=canvas.dtype)
-    tap_col = torch.tensor([kx + 1 for _, kx in TAPS], device=canvas.device, dtype=canvas.dtype)
+    tap_row = torch.tensor([ky + 1 for ky, _ in TAPS], device=canvas.device, dtype=dtype)
+    tap_col = torch.tensor([kx + 1 for _, kx in TAPS], device=canvas.device, dtype=dtype)
     base = torch.stack((pad_h - tap_row * dil_h, pad_w - tap_col * dil_w), 1)  # [9, 2] (dy, dx)
-    tap_flow = replicate(plan.tap_flow.to(canvas.dtype), scale) * scale  # [B, 9, 2, sH, sW]
-    offset = (tap_flow.flip(2) + base.view(1, 9, 2, 1, 1)).unsqueeze(1)  # (dx, dy) -> (dy, dx)
-    mask = replicate(plan.tap_weight.to(canvas.dtype), scale).unsqueeze(1)  # [B, 1, 9, sH, sW]
+    tap_flow = upsample_flow(plan.tap_flow.to(dtype), scale)  # [B, 9, 2, sH, sW] (dx, dy)
+    offset = (tap_flow.flip(2) + base.view(1, 9, 2, 1, 1)).unsqueeze(1)  # -> (dy, dx) - base
+    mask = replicate(plan.tap_weight.to(dtype), scale).unsqueeze(1)  # [B, 1, 9, sH, sW]
     groups = 1
     if residual_offset is not None:
         groups = residual_offset.size(1) // 18
-        offset = offset + residual_offset.view(batch, groups, 9, 2, out_h, out_w)
+        offset = offset + residual_offset.to(dtype).view(batch, groups, 9, 2, out_h, out_w)
     if mask_logits is not None:
         if residual_offset is not None and mask_logits.size(1) != 9 * groups:
             raise ValueError("residual_offset and mask_logits disagree on the offset groups")
         groups = mask_logits.size(1) // 9
-        logits = mask_logits.view(batch, groups, 9, out_h, out_w)
+        logits = mask_logits.to(dtype).view(batch, groups, 9, out_h, out_w)
         mask = mask * 2.0 * torch.sigmoid(logits)
     offset = offset.expand(batch, groups, 9, 2, out_h, out_w).reshape(batch, -1, out_h, out_w)
     mask = mask.expand(batch, groups, 9, out_h, out_w).reshape(batch, -1, out_h, out_w)
-    return deform_conv2d(
+    out = deform_conv2d(
         canvas, offset, weight, padding=(pad_h, pad_w), dilation=(dil_h, dil_w), mask=mask
     )
+    return out.to(out_dtype)
 
 
 def identity_taps(channels: int) -> Tensor:
@@ -241,7 +252,9 @@ class DeformableLevel(nn.Module):
 
     def forward(self, lr_features: Tensor, canvas: Tensor, plan: TapPlan) -> Tensor:
         """``lr_features`` ``[B, C, s*H, s*W]``, ``canvas`` ``[B, C, s*Hc, s*Wc]`` -> same as LR."""
-        central = warp(canvas, upsample_flow(plan.flow.to(canvas.dtype), self.scale))
+        dtype = torch.promote_types(canvas.dtype, torch.float32)  # exact coordinates
+        central = warp(canvas.to(dtype), upsample_flow(plan.flow.to(dtype), self.scale))
+        central = central.to(lr_features.dtype)
         prediction = self.offset_head(torch.cat((lr_features, central), 1))
         residual_offset, mask_logits = prediction.split(
             [18 * self.offset_groups, 9 * self.offset_groups], dim=1
@@ -288,7 +301,8 @@ class DeformableTransfer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         ref_lv3 = as_reference_list(ref_lv3)
         sizes = [(int(r.size(-2)), int(r.size(-1))) for r in ref_lv3]
-        plan = plan_taps(index, sizes, self.divisor, dtype=lrsr_lv3.dtype)
+        plan_dtype = torch.promote_types(lrsr_lv3.dtype, torch.float32)
+        plan = plan_taps(index, sizes, self.divisor, dtype=plan_dtype)
         return (
             self.lv3(lrsr_lv3, build_canvas(ref_lv3, 1), plan),
             self.lv2(lrsr_lv2, build_canvas(as_reference_list(ref_lv2), 2), plan),

@@ -31,9 +31,11 @@ Size = tuple[int, int]
 
 def _reference_sizes(ref_size: Size | Sequence[Size]) -> tuple[list[Size], bool]:
     """``([(Hr, Wr), ...], several)`` from one size or a sequence of sizes."""
-    if len(ref_size) == 2 and all(isinstance(side, int) for side in ref_size):
-        return [(int(ref_size[0]), int(ref_size[1]))], False  # type: ignore[arg-type]
-    sizes = [(int(h), int(w)) for h, w in ref_size]  # type: ignore[misc]
+    first = ref_size[0]
+    if isinstance(first, int):
+        height, width = ref_size
+        return [(int(height), int(width))], False
+    sizes = [(int(h), int(w)) for h, w in ref_size]
     if not sizes:
         raise ValueError("give at least one reference size")
     return sizes, True

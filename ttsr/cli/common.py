@@ -1,0 +1,147 @@
+"""What the inference CLIs share: error reporting, notes on stderr, model and memory options.
+
+Bad input (:class:`~ttsr.imaging.InputError`, :class:`~ttsr.checkpoints.CheckpointError`, file
+system errors) is reported as one line on stderr with exit code 2; ``--debug`` shows the traceback
+instead. Notes from the library (e.g. a greyscale image converted to RGB) go to stderr as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from ttsr.checkpoints import CheckpointError
+from ttsr.imaging import InputError
+from ttsr.inference import Upscaler
+from ttsr.memory import parse_size
+
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+#: Errors that mean the input (or an output location) is unusable: reported without traceback.
+BAD_INPUT = (InputError, CheckpointError, OSError)
+
+
+class _StderrNotes(logging.Handler):
+    """Writes ``PROG: note: message`` to whatever ``sys.stderr`` is when the note is emitted."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(logging.INFO)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{self.prog}: note: {record.getMessage()}", file=sys.stderr)
+
+
+def error(prog: str, message: str) -> None:
+    """Print one error line on stderr."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def run_guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run ``body`` and turn failures into one stderr line and an exit code (2 for bad input)."""
+    notes = _StderrNotes(prog)
+    library_logger = logging.getLogger("ttsr")
+    previous_level = library_logger.level
+    library_logger.addHandler(notes)
+    library_logger.setLevel(logging.INFO)
+    try:
+        return body()
+    except BAD_INPUT as failure:
+        if debug:
+            raise
+        error(prog, _message(failure))
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        if debug:
+            raise
+        error(prog, "ran out of memory; lower --max-memory so that the image is processed in tiles")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        error(prog, "interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as failure:
+        if debug:
+            raise
+        error(
+            prog,
+            f"internal error ({type(failure).__name__}: {failure}); rerun with --debug "
+            "for the traceback and report it",
+        )
+        return EXIT_INTERNAL_ERROR
+    finally:
+        library_logger.removeHandler(notes)
+        library_logger.setLevel(previous_level)
+
+
+def _message(failure: BaseException) -> str:
+    if isinstance(failure, OSError) and not isinstance(failure, InputError):
+        where = f" ({failure.filename})" if failure.filename else ""
+        return f"{failure.strerror or failure}{where}"
+    return str(failure)
+
+
+def memory_size(text: str) -> int:
+    """argparse type for ``--max-memory``."""
+    try:
+        return parse_size(text)
+    except InputError as failure:
+        raise argparse.ArgumentTypeError(str(failure)) from failure
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--device``, ``--max-memory``, ``--tile``."""
+    group = parser.add_argument_group("model and resources")
+    group.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="ttsr checkpoint (.pt) to use; default: the checkpoint shipped with ttsr "
+        "(convert released TTSR weights with ttsr-convert)",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="memory budget for one image, e.g. 4GB (default: half of the memory available); "
+        "larger images are processed in tiles with identical results, and a run that cannot fit "
+        "is refused before it starts",
+    )
+    group.add_argument(
+        "--tile",
+        type=positive_int,
+        metavar="PIXELS",
+        help="force LR tiles of this size (default: as large as --max-memory allows)",
+    )
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback when something fails"
+    )
+
+
+def build_upscaler(args: argparse.Namespace) -> Upscaler:
+    """The :class:`Upscaler` described by :func:`add_model_arguments` options."""
+    return Upscaler.from_checkpoint(
+        args.checkpoint, device=args.device, max_memory=args.max_memory, tile_size=args.tile
+    )

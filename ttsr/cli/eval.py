@@ -1,0 +1,180 @@
+"""``ttsr-eval``: Y-PSNR / SSIM of bicubic and TTSR on a dataset, TTSR's protocol.
+
+    ttsr-eval data/CUFED5 --ref-level 1                  # NNN_0.png HR + NNN_1..5.png references
+    ttsr-eval data/CUFED5 --ref-level all                # all five references jointly
+    ttsr-eval data/val/set5 --ref-mode lr                # the LR is its own reference
+    ttsr-eval data/val/set5 --ref-mode hr                # the HR as reference (upper bound)
+    ttsr-eval data/hr --ref-dir data/refs                # references matched by file stem
+    ttsr-eval --hr left.png --ref right.png              # one HR image and its reference(s)
+    ttsr-eval data/val/bsd100 --bicubic-only --limit 10  # the bicubic baseline only
+
+HR images are cropped to a multiple of 4 and taken down x4 with PIL bicubic; scores are on the
+BT.601 luma of 8-bit images, with no border crop unless --border says so. The table is printed and
+written to OUT/results.json and OUT/results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ttsr.cli.common import (
+    EXIT_OK,
+    add_debug_argument,
+    add_model_arguments,
+    build_upscaler,
+    positive_int,
+    run_guarded,
+)
+from ttsr.evaluation import (
+    EvalImages,
+    EvalItem,
+    EvalRow,
+    check_item,
+    comparison_grid,
+    cufed_items,
+    evaluate,
+    folder_items,
+    is_cufed_layout,
+    pair_items,
+    summary_chart,
+)
+from ttsr.imaging import InputError, check_writable, save_image, write_atomic
+
+PROG = "ttsr-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
+        "SSIM (BT.601, 8-bit) for bicubic and the model, per image and on average.",
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dataset", nargs="?", help="folder of HR images (or CUFED5 layout)")
+    refs = parser.add_argument_group("references")
+    refs.add_argument(
+        "--ref-mode",
+        choices=("auto", "cufed", "lr", "hr"),
+        default="auto",
+        help="cufed: NNN_0.png HR with NNN_1..5.png references; lr: the LR image is its own "
+        "reference; hr: the HR image (upper bound). auto (default): cufed for a CUFED5-style "
+        "folder, otherwise lr",
+    )
+    refs.add_argument(
+        "--ref-level",
+        default="1",
+        choices=("1", "2", "3", "4", "5", "all"),
+        help="CUFED5 reference level (1 = most similar; default 1) or all five jointly",
+    )
+    refs.add_argument("--ref-dir", metavar="DIR", help="references matched to HR images by stem")
+    refs.add_argument("--hr", metavar="FILE", help="evaluate one HR file (with --ref)")
+    refs.add_argument(
+        "--ref", metavar="FILE", action="append", default=[], help="reference of --hr (repeatable)"
+    )
+    protocol = parser.add_argument_group("protocol and outputs")
+    protocol.add_argument(
+        "--border",
+        type=int,
+        default=0,
+        help="pixels cropped on each side before scoring (TTSR: 0, the default; some papers use 4)",
+    )
+    protocol.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
+    protocol.add_argument(
+        "--bicubic-only", action="store_true", help="measure the bicubic baseline, no model"
+    )
+    protocol.add_argument(
+        "--out",
+        metavar="DIR",
+        default="ttsr-eval-results",
+        help="folder for results.json, results.csv and pictures (default: ttsr-eval-results)",
+    )
+    protocol.add_argument(
+        "--save-grids",
+        action="store_true",
+        help="write OUT/grids/NAME.png: HR | bicubic | TTSR | reference(s) per image",
+    )
+    protocol.add_argument(
+        "--save-summary", action="store_true", help="write OUT/summary.png: a chart of the scores"
+    )
+    add_model_arguments(parser)
+    add_debug_argument(parser)
+    return parser
+
+
+def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[EvalItem]:
+    """The images to evaluate, as the options describe them."""
+    if args.hr:
+        if args.dataset or args.ref_dir:
+            parser.error("--hr evaluates one file: leave out the dataset folder and --ref-dir")
+        if not args.ref and not args.bicubic_only:
+            parser.error("--hr needs at least one --ref")
+        if not args.ref:
+            return [EvalItem(Path(args.hr).stem, Path(args.hr), "hr")]
+        return pair_items(Path(args.hr), [Path(r) for r in args.ref])
+    if not args.dataset:
+        parser.error("give a dataset folder, or --hr FILE --ref FILE")
+    if args.ref:
+        parser.error("--ref goes with --hr; for a folder use --ref-dir or --ref-mode")
+    folder = Path(args.dataset)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of images")
+    if args.ref_dir:
+        return folder_items(folder, "dir", Path(args.ref_dir))
+    mode = args.ref_mode
+    if mode == "auto":
+        mode = "cufed" if is_cufed_layout(folder) else "lr"
+    if mode == "cufed":
+        return cufed_items(folder, "all" if args.ref_level == "all" else int(args.ref_level))
+    return folder_items(folder, mode)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Evaluate, print the table, write JSON/CSV and the requested pictures."""
+    if args.border < 0:
+        parser.error("--border must be 0 or more")
+    items = collect_items(args, parser)[: args.limit]
+    out = Path(args.out)
+    check_writable(out / "results.json", image=False)
+    upscaler = None if args.bicubic_only else build_upscaler(args)
+    for item in items:  # sizes and memory budget from the headers, before any heavy work
+        check_item(item, upscaler)
+    with tqdm(total=len(items), unit="image", file=sys.stderr, disable=None) as bar:
+
+        def on_image(row: EvalRow, images: EvalImages) -> None:
+            if args.save_grids:
+                save_image(comparison_grid(row, images), out / "grids" / f"{row.image}.png")
+            bar.update(1)
+
+        table = evaluate(items, upscaler, args.border, on_image)
+    table.settings = {
+        "dataset": str(args.dataset or args.hr),
+        "references": items[0].ref_mode if items else None,
+        "ref_level": args.ref_level if items and items[0].ref_mode == "cufed" else None,
+        "border": args.border,
+        "checkpoint": None if upscaler is None else str(args.checkpoint or "shipped"),
+        "protocol": "HR cropped to a multiple of 4, PIL bicubic x4 down; Y (BT.601) PSNR/SSIM",
+    }
+    print(table.format())
+    write_atomic(out / "results.json", table.to_json().encode())
+    write_atomic(out / "results.csv", table.to_csv().encode())
+    if args.save_summary:
+        title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
+        save_image(summary_chart(table, title), out / "summary.png")
+    print(f"{PROG}: {len(table.rows)} images; results in {out}/results.json and results.csv")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

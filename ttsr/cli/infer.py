@@ -1,0 +1,227 @@
+"""``ttsr-infer``: upscale images x4, borrowing texture from reference images.
+
+ttsr-infer --lr photo.png --ref other_view.jpg --out photo_x4.png
+ttsr-infer --lr photo.png --ref a.jpg --ref b.jpg --out photo_x4.png --save-attention
+ttsr-infer --lr lr_dir/ --ref ref_dir/ --out sr_dir/     # references matched by file stem
+ttsr-infer --lr lr_dir/ --ref common.jpg --out sr_dir/   # one reference set for every input
+ttsr-infer --demo --out demo_sr.png                       # the example pair shipped with ttsr
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ttsr.cli.common import (
+    EXIT_OK,
+    add_debug_argument,
+    add_model_arguments,
+    build_upscaler,
+    run_guarded,
+)
+from ttsr.imaging import (
+    InputError,
+    OutputError,
+    check_writable,
+    list_images,
+    match_references,
+    save_image,
+)
+from ttsr.inference import UpscaleResult
+from ttsr.memory import format_size
+
+PROG = "ttsr-infer"
+
+#: Extra outputs: option name -> file name suffix added to the SR file's stem.
+EXTRAS = {
+    "save_bicubic": "bicubic",
+    "save_attention": "attention",
+    "save_correspondence": "correspondence",
+    "save_comparison": "comparison",
+}
+
+
+def demo_paths() -> tuple[Path, Path]:
+    """The demo pair shipped in ``ttsr/assets``: (LR, reference)."""
+    assets = Path(str(resources.files("ttsr") / "assets"))
+    return assets / "demo_lr.png", assets / "demo_ref.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to upscale: its LR, references and output file."""
+
+    lr: Path
+    refs: tuple[Path, ...]
+    out: Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
+        "with textures found in one or more reference images of similar content (another view of "
+        "the scene, a sharper photo). Folders process every image in them.",
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--lr", metavar="PATH", help="low-resolution image, or a folder of them")
+    io.add_argument(
+        "--ref",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="reference image; repeat for several references (searched jointly). With --lr DIR: "
+        "a folder whose NAME.png and NAME_1.png, NAME_2.png ... are the references of input "
+        "NAME, or files used for every input",
+    )
+    io.add_argument(
+        "--out",
+        metavar="PATH",
+        help="output image (.png, .jpg ...), or a folder with --lr DIR (default for --demo: "
+        "ttsr_demo_sr.png)",
+    )
+    io.add_argument(
+        "--demo", action="store_true", help="upscale the example pair shipped with ttsr"
+    )
+    extras = parser.add_argument_group(
+        "extra outputs (written beside each output as NAME_<kind>.<ext>)"
+    )
+    extras.add_argument("--save-bicubic", action="store_true", help="the bicubic x4 upscale")
+    extras.add_argument(
+        "--save-attention",
+        action="store_true",
+        help="soft-attention heat map: bright where the reference held a close match",
+    )
+    extras.add_argument(
+        "--save-correspondence",
+        action="store_true",
+        help="each output patch coloured by the reference position its texture came from, beside "
+        "the references coloured with the same code",
+    )
+    extras.add_argument(
+        "--save-comparison", action="store_true", help="bicubic | TTSR | reference side by side"
+    )
+    add_model_arguments(parser)
+    add_debug_argument(parser)
+    return parser
+
+
+def extra_outputs(out: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Requested extra output files of one SR output, by kind."""
+    return {
+        kind: out.with_name(f"{out.stem}_{kind}{out.suffix}")
+        for option, kind in EXTRAS.items()
+        if getattr(args, option)
+    }
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}; check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, but a {what} is expected here")
+    return path
+
+
+def plan_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Job]:
+    """Turn the options into jobs; raises :class:`InputError` for unusable paths."""
+    if args.demo:
+        if args.lr or args.ref:
+            parser.error("--demo uses the shipped example pair: leave out --lr and --ref")
+        lr, ref = demo_paths()
+        return [Job(lr, (ref,), Path(args.out or "ttsr_demo_sr.png"))]
+    if not args.lr or not args.ref or not args.out:
+        parser.error("give --lr, --ref and --out (or --demo)")
+    lr, refs, out = Path(args.lr), [Path(r) for r in args.ref], Path(args.out)
+    if lr.is_dir():
+        return _folder_jobs(lr, refs, out)
+    _require_file(lr, "low-resolution image file")
+    if out.is_dir():
+        raise OutputError(f"{out} is a directory; give an output file name (e.g. {out}/sr.png)")
+    return [Job(lr, tuple(_require_file(r, "reference image file") for r in refs), out)]
+
+
+def _folder_jobs(lr_dir: Path, refs: list[Path], out_dir: Path) -> list[Job]:
+    inputs = list_images(lr_dir)
+    if not inputs:
+        raise InputError(f"{lr_dir} holds no images (.png, .jpg, ...)")
+    stems = [p.stem for p in inputs]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise InputError(f"{lr_dir}: several inputs share the name {duplicates[0]!r}; rename them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is a file; with --lr DIR, --out must be a folder")
+    if len(refs) == 1 and refs[0].is_dir():
+        matched = match_references(stems, list_images(refs[0]))
+        missing = [s for s in stems if not matched[s]]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise InputError(
+                f"no reference in {refs[0]} for {len(missing)} of {len(stems)} inputs ({shown}); "
+                "name references NAME.png or NAME_1.png, NAME_2.png ... after their input"
+            )
+        reference_sets = {s: tuple(matched[s]) for s in stems}
+    else:
+        common = tuple(_require_file(r, "reference image file") for r in refs)
+        reference_sets = {s: common for s in stems}
+    return [Job(p, reference_sets[p.stem], out_dir / f"{p.stem}.png") for p in inputs]
+
+
+def save_outputs(result: UpscaleResult, job: Job, extras: dict[str, Path]) -> None:
+    """Write the SR image and the requested extras (each atomically)."""
+    save_image(result.sr, job.out)
+    render = {
+        "bicubic": lambda: result.bicubic,
+        "attention": result.attention_map,
+        "correspondence": result.correspondence_map,
+        "comparison": result.comparison,
+    }
+    for kind, path in extras.items():
+        save_image(render[kind](), path)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check everything that can be checked cheaply, then upscale every job."""
+    jobs = plan_jobs(args, parser)
+    for job in jobs:
+        for path in (job.out, *extra_outputs(job.out, args).values()):
+            check_writable(path)
+    upscaler = build_upscaler(args)
+    if not upscaler.model.use_texture and (args.save_attention or args.save_correspondence):
+        raise InputError("this checkpoint's model uses no references: it has no attention to save")
+    plans = [upscaler.check_sizes(job.lr, job.refs) for job in jobs]
+    total_tiles = sum(len(p.tiles) for p in plans)
+    started = time.perf_counter()
+    with tqdm(total=total_tiles, unit="tile", file=sys.stderr, disable=None) as bar:
+        for job in jobs:
+            bar.set_description(job.lr.name)
+            result = upscaler.upscale(job.lr, job.refs, progress=lambda *_: bar.update(1))
+            save_outputs(result, job, extra_outputs(job.out, args))
+    elapsed = time.perf_counter() - started
+    where = jobs[0].out if len(jobs) == 1 else jobs[0].out.parent
+    peak = max(p.estimate.peak for p in plans)
+    print(
+        f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 in {elapsed:.1f} s on "
+        f"{upscaler.device} ({total_tiles} tile{'s' * (total_tiles != 1)}, estimated peak "
+        f"{format_size(peak)} of a {format_size(upscaler.max_memory)} budget) -> {where}"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

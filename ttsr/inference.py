@@ -1,0 +1,423 @@
+"""Inference: one :class:`Upscaler` owns preprocessing, the memory budget, tiling and references.
+
+::
+
+    upscaler = Upscaler.from_checkpoint()            # the shipped checkpoint, CPU or GPU
+    result = upscaler.upscale("lr.png", ["ref1.jpg", "ref2.jpg"])
+    result.sr.save("sr.png"); result.attention_map().save("attention.png")
+
+Preprocessing is TTSR's (:mod:`ttsr.data.degradation`): LR-up is the PIL bicubic x4 of the LR,
+each reference is cropped to a multiple of 4 and paired with its PIL bicubic down-up version, all in
+[-1, 1]. Several references are searched jointly. The LR is processed in tiles when the whole image
+does not fit the memory budget; tile margins cover the receptive field, the LR-up is computed once
+for the whole image and the reference features once for all tiles, so tiles give the whole-image
+result up to float rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ttsr import visualize
+from ttsr.checkpoints import CheckpointError, load_checkpoint
+from ttsr.data.degradation import SCALE, reference_pair, to_tensor, to_uint8, upsample
+from ttsr.imaging import (
+    ImageSource,
+    InputError,
+    describe,
+    image_size,
+    load_rgb,
+    require_min_side,
+)
+from ttsr.memory import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    default_budget,
+    estimate_peak,
+    format_size,
+)
+from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
+from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
+
+#: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
+MIN_LR_SIDE = 4
+
+#: Smallest tile core (LR pixels) tried before a run is refused for memory.
+MIN_TILE_CORE = 8
+
+#: Progress callback: ``(tiles done, tiles in total)``.
+Progress = Callable[[int, int], None]
+
+
+#: File name of the checkpoint shipped in the package (``ttsr/pretrained``, a link to
+#: ``checkpoints/`` in the source tree).
+SHIPPED_CHECKPOINT = "ttsr_demo.pt"
+
+
+def default_checkpoint_path() -> Path:
+    """Where the checkpoint shipped with the package lives (it may not be installed)."""
+    return Path(str(resources.files("ttsr") / "pretrained" / SHIPPED_CHECKPOINT))
+
+
+def fast_search_available() -> bool:
+    """Whether :mod:`ttsr.model.fast_search_transfer` (bounded-memory search) is installed."""
+    return importlib.util.find_spec("ttsr.model.fast_search_transfer") is not None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; refuses CUDA when there is none."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but PyTorch sees no CUDA GPU here; use --device cpu")
+    return resolved
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a run is split: LR ``tiles``, their ``core`` size and ``margin``, and its memory."""
+
+    tiles: tuple[Tile, ...]
+    core: int
+    margin: int
+    estimate: MemoryEstimate
+    budget: int
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """Where each LR position's texture came from (TTSR's hard attention), at LR resolution.
+
+    ``reference_id`` ``[H, W]``: which reference; ``y``, ``x`` ``[H, W]``: centre of the matched
+    4x4 patch in that reference's pixel coordinates (pixel centres at integers, after cropping to a
+    multiple of 4); ``displacement`` ``[H, W, 2]``: ``(dy, dx)`` from the output patch centre (SR
+    pixels) to the matched patch centre, a flow field when the reference is another view.
+    """
+
+    reference_id: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    displacement: np.ndarray
+    reference_sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_index(
+        cls, index: np.ndarray, reference_sizes: Sequence[tuple[int, int]]
+    ) -> Correspondence:
+        """Decode TTSR's ``index`` ``[H, W]`` (row-major over the references' relu3_1 grids)."""
+        grid_widths = np.array([w // SCALE for _, w in reference_sizes])
+        counts = np.array([(h // SCALE) * (w // SCALE) for h, w in reference_sizes])
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        reference_id = np.searchsorted(starts, index, side="right") - 1
+        local = index - starts[reference_id]
+        centre = (SCALE - 1) / 2
+        y = (local // grid_widths[reference_id] * SCALE + centre).astype(np.float32)
+        x = (local % grid_widths[reference_id] * SCALE + centre).astype(np.float32)
+        height, width = index.shape
+        out_y = np.arange(height, dtype=np.float32)[:, None] * SCALE + centre
+        out_x = np.arange(width, dtype=np.float32)[None, :] * SCALE + centre
+        displacement = np.stack([y - out_y, x - out_x], axis=-1)
+        return cls(reference_id, y, x, displacement, tuple(tuple(s) for s in reference_sizes))
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    """One upscaled image with what explains it.
+
+    ``sr`` and ``bicubic`` (the LR-up) are PIL images; ``soft_attention`` ``[H, W]`` float32 is
+    the relevance of the best reference match at each LR position; ``correspondence`` says where
+    that match is. Both are ``None`` for a model without a texture path. ``references`` are the
+    references as used (cropped to multiples of 4).
+    """
+
+    sr: Image.Image
+    bicubic: Image.Image
+    soft_attention: np.ndarray | None
+    correspondence: Correspondence | None
+    references: tuple[np.ndarray, ...]
+    plan: TilePlan
+
+    def _require_texture(self) -> Correspondence:
+        if self.correspondence is None or self.soft_attention is None:
+            raise InputError("this model does not use references: no attention to show")
+        return self.correspondence
+
+    def attention_map(self) -> Image.Image:
+        """Soft-attention heat map at the SR size."""
+        self._require_texture()
+        assert self.soft_attention is not None
+        return visualize.attention_heatmap(self.soft_attention, SCALE)
+
+    def correspondence_map(self) -> Image.Image:
+        """Output patches coloured by their reference position, beside the colour key."""
+        found = self._require_texture()
+        mapped = visualize.correspondence_map(
+            found.reference_id, found.y, found.x, found.reference_sizes, SCALE
+        )
+        key = visualize.correspondence_key(self.references)
+        return visualize.side_by_side(
+            [mapped, key], ["source of each patch", "reference colour key"]
+        )
+
+    def comparison(self) -> Image.Image:
+        """LR-up | SR | reference(s), side by side."""
+        return visualize.comparison(self.bicubic, self.sr, self.references)
+
+
+def _as_list(refs: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
+    if refs is None:
+        return []
+    if isinstance(refs, list | tuple):
+        return list(refs)
+    return [refs]
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Upscaler:
+    """x4 reference-based super-resolution with a TTSR model, within a memory budget.
+
+    Args:
+        model: the network (moved to ``device`` and set to eval mode).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        max_memory: budget in bytes for one run; ``None``: half of the available memory.
+        tile_size: force LR tile cores of this size (pixels); ``None``: as large as the budget
+            allows (the whole image when it fits).
+    """
+
+    def __init__(
+        self,
+        model: TTSR,
+        device: str | torch.device = "auto",
+        max_memory: int | None = None,
+        tile_size: int | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        if fast_search_available():
+            model.set_search("fast")
+            self.search_implementation = "fast"
+        else:
+            self.search_implementation = "straightforward"
+        self.model = model.to(self.device).eval()
+        self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
+        if tile_size is not None and tile_size < 1:
+            raise InputError(f"tile size must be at least 1 LR pixel, got {tile_size}")
+        self.tile_size = tile_size
+        generator = model.generator
+        self.margin = receptive_radius(generator.num_res_blocks, model.use_texture)
+        self._weight_bytes = _weight_bytes(model)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        max_memory: int | None = None,
+        tile_size: int | None = None,
+    ) -> Upscaler:
+        """Load a ttsr checkpoint (weights only); ``None``: the checkpoint shipped with ttsr."""
+        if path is None:
+            path = default_checkpoint_path()
+            if not path.is_file():
+                raise CheckpointError(
+                    f"the checkpoint shipped with ttsr ({path}) is not installed in this build; "
+                    "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
+                )
+        return cls(load_checkpoint(path), device, max_memory, tile_size)
+
+    # --- planning --------------------------------------------------------------------------------
+
+    def estimate(
+        self, lr_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]], core: int
+    ) -> MemoryEstimate:
+        """Peak-memory estimate with LR tile cores of ``core`` pixels."""
+        height, width = lr_size
+        tile = (
+            padded_extent(height, core, self.margin),
+            padded_extent(width, core, self.margin),
+        )
+        return estimate_peak(
+            lr_size,
+            tile,
+            reference_sizes,
+            n_feats=self.model.generator.n_feats,
+            weight_bytes=self._weight_bytes,
+            use_texture=self.model.use_texture,
+            implementation=self.search_implementation,
+        )
+
+    def plan(
+        self, lr_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
+    ) -> TilePlan:
+        """Choose the largest tiles that fit the budget; :class:`MemoryBudgetError` if none does.
+
+        ``reference_sizes`` are (H, W) after cropping to multiples of 4.
+        """
+        height, width = lr_size
+        longest = max(height, width)
+        if self.tile_size is not None:
+            core = min(self.tile_size, longest)
+        else:
+            core = self._largest_fitting_core(lr_size, reference_sizes)
+        estimate = self.estimate(lr_size, reference_sizes, core)
+        if estimate.peak > self.max_memory:
+            raise self._budget_error(lr_size, reference_sizes, estimate)
+        tiles = tuple(tile_grid(height, width, core, self.margin))
+        return TilePlan(tiles, core, self.margin, estimate, self.max_memory)
+
+    def _largest_fitting_core(
+        self, lr_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
+    ) -> int:
+        longest = max(lr_size)
+        low = min(MIN_TILE_CORE, longest)
+        if self.estimate(lr_size, reference_sizes, longest).peak <= self.max_memory:
+            return longest
+        if self.estimate(lr_size, reference_sizes, low).peak > self.max_memory:
+            return low  # plan() reports the error with this smallest estimate
+        high = longest  # invariant: low fits, high does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.estimate(lr_size, reference_sizes, middle).peak <= self.max_memory:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def _budget_error(
+        self,
+        lr_size: tuple[int, int],
+        reference_sizes: Sequence[tuple[int, int]],
+        estimate: MemoryEstimate,
+    ) -> MemoryBudgetError:
+        height, width = lr_size
+        references = ", ".join(f"{w}x{h}" for h, w in reference_sizes) or "none"
+        return MemoryBudgetError(
+            f"upscaling a {width}x{height} image with references of {references} needs about "
+            f"{format_size(estimate.peak)} even in the smallest tiles (reference features: "
+            f"{format_size(estimate.reference_features)}), more than the memory budget of "
+            f"{format_size(self.max_memory)}; raise --max-memory, or use smaller or fewer "
+            "references (or a smaller image)"
+        )
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def check_sizes(
+        self, lr: ImageSource, refs: ImageSource | Sequence[ImageSource] | None
+    ) -> TilePlan:
+        """Validate inputs from their headers (no decoding) and plan the run."""
+        references = _as_list(refs)
+        if self.model.use_texture and not references:
+            raise InputError("give at least one reference image")
+        lr_size = image_size(lr)
+        require_min_side(lr_size, MIN_LR_SIDE, describe(lr), "low-resolution input")
+        reference_sizes = []
+        for ref in references:
+            size = image_size(ref)
+            require_min_side(size, MIN_REFERENCE_SIDE, describe(ref), "reference")
+            reference_sizes.append((size[0] // SCALE * SCALE, size[1] // SCALE * SCALE))
+        return self.plan(lr_size, reference_sizes)
+
+    def upscale(
+        self,
+        lr: ImageSource,
+        refs: ImageSource | Sequence[ImageSource] | None,
+        progress: Progress | None = None,
+    ) -> UpscaleResult:
+        """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays).
+
+        Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
+        or a run that does not fit the memory budget, before any heavy work.
+        """
+        plan = self.check_sizes(lr, refs)
+        lr_rgb = load_rgb(lr)
+        lrsr_rgb = upsample(lr_rgb)
+        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
+        lr_tensor = to_tensor(lr_rgb)[None]
+        lrsr_tensor = to_tensor(lrsr_rgb)[None]
+        ref_tensors = [to_tensor(ref)[None] for ref, _ in pairs]
+        refsr_tensors = [to_tensor(refsr)[None] for _, refsr in pairs]
+        if self.model.use_texture:
+            check_inputs(lr_tensor, lrsr_tensor, ref_tensors, refsr_tensors)
+        sr, attention, index = self._run_tiles(
+            plan, lr_tensor, lrsr_tensor, ref_tensors, refsr_tensors, progress
+        )
+        references = tuple(ref for ref, _ in pairs)
+        correspondence = None
+        if index is not None:
+            correspondence = Correspondence.from_index(index, [r.shape[:2] for r in references])
+        return UpscaleResult(
+            sr=Image.fromarray(to_uint8(sr)),
+            bicubic=Image.fromarray(lrsr_rgb),
+            soft_attention=attention,
+            correspondence=correspondence,
+            references=references if self.model.use_texture else (),
+            plan=plan,
+        )
+
+    @torch.inference_mode()
+    def _run_tiles(
+        self,
+        plan: TilePlan,
+        lr: torch.Tensor,
+        lrsr: torch.Tensor,
+        refs: list[torch.Tensor],
+        refsrs: list[torch.Tensor],
+        progress: Progress | None,
+    ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
+        """Run every tile; returns SR ``[3, 4H, 4W]``, soft attention and index ``[H, W]``."""
+        device = self.device
+        height, width = lr.shape[-2:]
+        use_texture = self.model.use_texture
+        features = None
+        if use_texture:
+            features = self.model.extract_reference_features(
+                [r.to(device) for r in refs], [r.to(device) for r in refsrs]
+            )
+        sr = torch.empty(3, SCALE * height, SCALE * width)
+        attention = np.empty((height, width), np.float32) if use_texture else None
+        index = np.empty((height, width), np.int64) if use_texture else None
+        for done, tile in enumerate(plan.tiles, start=1):
+            top, bottom, left, right = tile.padded
+            lr_tile = lr[..., top:bottom, left:right].to(device)
+            lrsr_tile = lrsr[..., SCALE * top : SCALE * bottom, SCALE * left : SCALE * right]
+            lrsr_tile = lrsr_tile.to(device)
+            rows, cols = tile.core_in_padded
+            core_top, core_bottom, core_left, core_right = tile.core
+            sr_rows = slice(SCALE * rows.start, SCALE * rows.stop)
+            sr_cols = slice(SCALE * cols.start, SCALE * cols.stop)
+            if features is not None:
+                output = self.model.forward_with_reference_features(lr_tile, lrsr_tile, features)
+                tile_sr = output.sr
+                assert output.soft_attention is not None and output.index is not None
+                attention[core_top:core_bottom, core_left:core_right] = (
+                    output.soft_attention[0, 0, rows, cols].float().cpu().numpy()
+                )
+                index[core_top:core_bottom, core_left:core_right] = (
+                    output.index[0, rows, cols].cpu().numpy()
+                )
+            else:
+                tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile)
+            sr[
+                :,
+                SCALE * core_top : SCALE * core_bottom,
+                SCALE * core_left : SCALE * core_right,
+            ] = tile_sr[0, :, sr_rows, sr_cols].float().cpu()
+            if progress is not None:
+                progress(done, len(plan.tiles))
+        return sr, attention, index
