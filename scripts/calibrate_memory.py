@@ -43,7 +43,11 @@ def measure(stage: str, lr: int, ref: int, n_feats: int, tile: int | None) -> di
 
     result: dict = {"stage": stage, "lr": lr, "ref": ref, "n_feats": n_feats}
     with torch.inference_mode():
-        lr_t, lrsr_t, ref_t = noise(1, 3, lr, lr), noise(1, 3, 4 * lr, 4 * lr), noise(1, 3, ref, ref)
+        lr_t, lrsr_t, ref_t = (
+            noise(1, 3, lr, lr),
+            noise(1, 3, 4 * lr, 4 * lr),
+            noise(1, 3, ref, ref),
+        )
         prepared = {}
         if stage in ("search", "transfer", "generator"):
             features = model.extract_reference_features([ref_t], [ref_t])

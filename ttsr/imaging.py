@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     """Open ``path`` lazily (header only), refusing non-images and oversized images."""
     _check_file(path)
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # oversized images are refused below, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except UnidentifiedImageError as error:
         raise ImageError(f"{path} is not an image file ttsr can read (PNG, JPEG, ...)") from error
     except Image.DecompressionBombError as error:
@@ -89,15 +92,25 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation known without decoding (a PNG may store it after the pixels: 1 then)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+
+
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """``(height, width)`` after EXIF rotation (orientations 5..8 swap the sides)."""
     width, height = image.size
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    orientation = _header_orientation(image)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def image_size(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """``(height, width)`` of an image as :func:`load_rgb` will return it, without decoding."""
+    """``(height, width)`` of an image as :func:`load_rgb` will return it, without decoding.
+
+    Exact except for a PNG whose EXIF orientation tag follows the pixel data (sides may swap).
+    """
     if isinstance(source, np.ndarray):
         return int(source.shape[0]), int(source.shape[1])
     if isinstance(source, Image.Image):

@@ -177,6 +177,30 @@ class UpscaleResult:
         return visualize.comparison(self.bicubic, self.sr, self.references)
 
 
+@dataclass(frozen=True)
+class PreparedInputs:
+    """TTSR's inputs in [-1, 1]: ``lr`` ``[1, 3, H, W]``, ``lrsr`` ``[1, 3, 4H, 4W]``, ``refs``
+    and ``refsrs`` ``[1, 3, Hr, Wr]`` each (cropped to multiples of 4), and the uint8 LR-up and
+    references they were made from."""
+
+    lr: torch.Tensor
+    lrsr: torch.Tensor
+    refs: list[torch.Tensor]
+    refsrs: list[torch.Tensor]
+    lrsr_rgb: np.ndarray
+    references_rgb: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class RawOutput:
+    """Network output of a whole image: ``sr`` ``[3, 4H, 4W]`` float in [-1, 1]; soft attention
+    ``[H, W]`` float32 and index ``[H, W]`` int64 (``None`` without a texture path)."""
+
+    sr: torch.Tensor
+    soft_attention: np.ndarray | None
+    index: np.ndarray | None
+
+
 def _as_list(refs: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
     if refs is None:
         return []
@@ -333,6 +357,25 @@ class Upscaler:
             reference_sizes.append((size[0] // SCALE * SCALE, size[1] // SCALE * SCALE))
         return self.plan(lr_size, reference_sizes)
 
+    def prepare(
+        self, lr: ImageSource, refs: ImageSource | Sequence[ImageSource] | None
+    ) -> PreparedInputs:
+        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up)."""
+        lr_rgb = load_rgb(lr)
+        lrsr_rgb = upsample(lr_rgb)
+        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
+        inputs = PreparedInputs(
+            lr=to_tensor(lr_rgb)[None],
+            lrsr=to_tensor(lrsr_rgb)[None],
+            refs=[to_tensor(ref)[None] for ref, _ in pairs],
+            refsrs=[to_tensor(refsr)[None] for _, refsr in pairs],
+            lrsr_rgb=lrsr_rgb,
+            references_rgb=tuple(ref for ref, _ in pairs),
+        )
+        if self.model.use_texture:
+            check_inputs(inputs.lr, inputs.lrsr, inputs.refs, inputs.refsrs)
+        return inputs
+
     def upscale(
         self,
         lr: ImageSource,
@@ -344,80 +387,64 @@ class Upscaler:
         Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
         or a run that does not fit the memory budget, before any heavy work.
         """
-        plan = self.check_sizes(lr, refs)
-        lr_rgb = load_rgb(lr)
-        lrsr_rgb = upsample(lr_rgb)
-        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
-        lr_tensor = to_tensor(lr_rgb)[None]
-        lrsr_tensor = to_tensor(lrsr_rgb)[None]
-        ref_tensors = [to_tensor(ref)[None] for ref, _ in pairs]
-        refsr_tensors = [to_tensor(refsr)[None] for _, refsr in pairs]
-        if self.model.use_texture:
-            check_inputs(lr_tensor, lrsr_tensor, ref_tensors, refsr_tensors)
-        sr, attention, index = self._run_tiles(
-            plan, lr_tensor, lrsr_tensor, ref_tensors, refsr_tensors, progress
-        )
-        references = tuple(ref for ref, _ in pairs)
+        self.check_sizes(lr, refs)  # refuses early, from the headers
+        inputs = self.prepare(lr, refs)
+        plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
+        output = self.run(inputs, plan, progress)
+        references = inputs.references_rgb if self.model.use_texture else ()
         correspondence = None
-        if index is not None:
-            correspondence = Correspondence.from_index(index, [r.shape[:2] for r in references])
+        if output.index is not None:
+            correspondence = Correspondence.from_index(
+                output.index, [r.shape[:2] for r in references]
+            )
         return UpscaleResult(
-            sr=Image.fromarray(to_uint8(sr)),
-            bicubic=Image.fromarray(lrsr_rgb),
-            soft_attention=attention,
+            sr=Image.fromarray(to_uint8(output.sr)),
+            bicubic=Image.fromarray(inputs.lrsr_rgb),
+            soft_attention=output.soft_attention,
             correspondence=correspondence,
-            references=references if self.model.use_texture else (),
+            references=references,
             plan=plan,
         )
 
     @torch.inference_mode()
-    def _run_tiles(
-        self,
-        plan: TilePlan,
-        lr: torch.Tensor,
-        lrsr: torch.Tensor,
-        refs: list[torch.Tensor],
-        refsrs: list[torch.Tensor],
-        progress: Progress | None,
-    ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
-        """Run every tile; returns SR ``[3, 4H, 4W]``, soft attention and index ``[H, W]``."""
+    def run(
+        self, inputs: PreparedInputs, plan: TilePlan, progress: Progress | None = None
+    ) -> RawOutput:
+        """Run the network tile by tile: reference features once, LR-up cropped per tile."""
         device = self.device
-        height, width = lr.shape[-2:]
+        height, width = inputs.lr.shape[-2:]
         use_texture = self.model.use_texture
         features = None
         if use_texture:
             features = self.model.extract_reference_features(
-                [r.to(device) for r in refs], [r.to(device) for r in refsrs]
+                [r.to(device) for r in inputs.refs], [r.to(device) for r in inputs.refsrs]
             )
         sr = torch.empty(3, SCALE * height, SCALE * width)
         attention = np.empty((height, width), np.float32) if use_texture else None
         index = np.empty((height, width), np.int64) if use_texture else None
         for done, tile in enumerate(plan.tiles, start=1):
             top, bottom, left, right = tile.padded
-            lr_tile = lr[..., top:bottom, left:right].to(device)
-            lrsr_tile = lrsr[..., SCALE * top : SCALE * bottom, SCALE * left : SCALE * right]
+            lr_tile = inputs.lr[..., top:bottom, left:right].to(device)
+            lrsr_tile = inputs.lrsr[..., SCALE * top : SCALE * bottom, SCALE * left : SCALE * right]
             lrsr_tile = lrsr_tile.to(device)
             rows, cols = tile.core_in_padded
-            core_top, core_bottom, core_left, core_right = tile.core
-            sr_rows = slice(SCALE * rows.start, SCALE * rows.stop)
-            sr_cols = slice(SCALE * cols.start, SCALE * cols.stop)
+            core = (slice(tile.core[0], tile.core[1]), slice(tile.core[2], tile.core[3]))
             if features is not None:
                 output = self.model.forward_with_reference_features(lr_tile, lrsr_tile, features)
                 tile_sr = output.sr
                 assert output.soft_attention is not None and output.index is not None
-                attention[core_top:core_bottom, core_left:core_right] = (
-                    output.soft_attention[0, 0, rows, cols].float().cpu().numpy()
-                )
-                index[core_top:core_bottom, core_left:core_right] = (
-                    output.index[0, rows, cols].cpu().numpy()
-                )
+                attention[core] = output.soft_attention[0, 0, rows, cols].float().cpu().numpy()
+                index[core] = output.index[0, rows, cols].cpu().numpy()
             else:
                 tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile)
-            sr[
-                :,
-                SCALE * core_top : SCALE * core_bottom,
-                SCALE * core_left : SCALE * core_right,
-            ] = tile_sr[0, :, sr_rows, sr_cols].float().cpu()
+            sr[:, _scaled(core[0]), _scaled(core[1])] = (
+                tile_sr[0, :, _scaled(rows), _scaled(cols)].float().cpu()
+            )
             if progress is not None:
                 progress(done, len(plan.tiles))
-        return sr, attention, index
+        return RawOutput(sr=sr, soft_attention=attention, index=index)
+
+
+def _scaled(span: slice) -> slice:
+    """LR rows/columns -> the SR rows/columns they produce."""
+    return slice(SCALE * span.start, SCALE * span.stop)

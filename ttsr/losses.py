@@ -95,7 +95,7 @@ def load_perceptual_vgg(init: str | Path) -> nn.Sequential:
                 "(the bundled extractor weights stop at relu3_1)"
             )
         features.load_state_dict(picked)
-    return features.requires_grad_(False).eval()
+    return features.requires_grad_(False)  # no dropout or batch norm: train/eval alike
 
 
 class PerceptualLoss(nn.Module):
@@ -106,11 +106,6 @@ class PerceptualLoss(nn.Module):
         self.features = load_perceptual_vgg(init)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def train(self, mode: bool = True) -> PerceptualLoss:
-        super().train(mode)
-        self.features.eval()  # always frozen
-        return self
 
     def relu5_1(self, image: Tensor) -> Tensor:
         """``[B, 3, H, W]`` in [-1, 1] -> ``[B, 512, H/16, W/16]``."""

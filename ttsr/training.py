@@ -165,11 +165,15 @@ class TTSRTraining(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        groups = [{"params": list(self.model.generator.parameters()), "lr": hp.lr}]
+        extractor = list(self.model.extractor.parameters())
+        in_extractor = {id(p) for p in extractor}
+        # The generator and any learned transfer head (model order: same groups as before).
+        trained = [
+            p for p in self.model.parameters() if p.requires_grad and id(p) not in in_extractor
+        ]
+        groups = [{"params": trained, "lr": hp.lr}]
         if hp.use_texture and hp.extractor_lr > 0:
-            groups.append(
-                {"params": list(self.model.extractor.parameters()), "lr": hp.extractor_lr}
-            )
+            groups.append({"params": extractor, "lr": hp.extractor_lr})
         generator_optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
         factor = partial(
             learning_rate_factor,

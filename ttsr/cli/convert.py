@@ -4,7 +4,8 @@
     ttsr-infer --checkpoint ttsr_released.pt --lr lr.png --ref ref.png --out sr.png
 
 The released file is read weights-only (no pickled code runs); block counts and width are read
-from its keys and shapes. The result records ``divisor="constant"`` (the released fold divides by 9).
+from its keys and shapes. The result records ``divisor="constant"`` (the released fold divides
+by 9).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import shlex
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -29,9 +29,17 @@ from ttsr.training import AtomicCheckpointIO, TTSRTraining, export_weights
 
 PROG = "ttsr-train"
 
-# Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what
-# resuming needs (they match the optimiser state and the step count).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+#: Warnings that say nothing useful here: manual-optimisation checkpoints hold the post-step
+#: weights, which is what resuming needs; main(argv) passes its arguments on purpose.
+IGNORED_WARNINGS = (
+    "Using ModelCheckpoint with manual optimization",
+    "LightningCLI's args parameter is intended",
+)
+DESCRIPTION = (
+    "Train, validate and test TTSR (LightningCLI: every option of the model, data and trainer can "
+    "be set in --config files or on the command line). Also: 'ttsr-train export --ckpt X.ckpt "
+    "--out Y.pt' writes a trained model for ttsr-infer/ttsr-eval. Add --debug for tracebacks."
+)
 #: Exceptions that mean bad input (files, options), reported in one line with exit code 2.
 BAD_INPUT = (
     ArgumentError,
@@ -56,7 +64,7 @@ class TTSRCLI(LightningCLI):
             TTSRDataModule,
             args=None if from_command_line else args,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, "prog": PROG},
+            parser_kwargs={"exit_on_error": False, "prog": PROG, "description": DESCRIPTION},
             auto_configure_optimizers=False,
             **kwargs,
         )
@@ -75,9 +83,16 @@ class TTSRCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises its usage errors (``main`` prints them in one line)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{self.prog}: {message}")
+
+
 def export_main(args: Sequence[str]) -> None:
     """``ttsr-train export``: a training checkpoint's model -> a ttsr checkpoint."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=f"{PROG} export",
         description="Write the model of a ttsr-train checkpoint (.ckpt) as a ttsr checkpoint "
         "for ttsr-infer / ttsr-eval (weights, architecture, training metadata).",
@@ -98,10 +113,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        if args and args[0] == "export":
-            export_main(args[1:])
-        else:
-            TTSRCLI(args, from_command_line=argv is None and args == sys.argv[1:])
+        with warnings.catch_warnings():
+            for message in IGNORED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            if args and args[0] == "export":
+                export_main(args[1:])
+            else:
+                TTSRCLI(args, from_command_line=argv is None and args == sys.argv[1:])
     except BAD_INPUT as error:
         if debug:
             raise
