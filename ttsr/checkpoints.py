@@ -98,11 +98,13 @@ def read_weights_only(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # garbage bytes fail in the unpickler too
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file") from error
         raise CheckpointError(
             f"checkpoint {path} needs arbitrary code to load (pickled objects), which ttsr refuses "
             "for safety; re-save it as a plain state dict of tensors"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a PyTorch file: {error}"
         ) from error

@@ -129,10 +129,16 @@ def pair_items(hr: Path, references: Sequence[Path]) -> list[EvalItem]:
     return [EvalItem(Path(hr).stem, Path(hr), "files", tuple(Path(r) for r in references))]
 
 
-def check_item(item: EvalItem, upscaler: Upscaler | None) -> None:
+#: SSIM's Gaussian window: the measured region must be at least this large.
+SSIM_WINDOW = 11
+
+
+def check_item(item: EvalItem, upscaler: Upscaler | None, border: int = 0) -> None:
     """Check sizes (and, with a model, the memory budget) from the image headers only."""
     height, width = image_size(item.hr)
-    require_min_side((height, width), SCALE * MIN_LR_SIDE, str(item.hr), "HR image")
+    smallest = max(SCALE * MIN_LR_SIDE, SCALE * math.ceil((2 * border + SSIM_WINDOW) / SCALE))
+    role = f"HR image (SSIM with border {border})" if border else "HR image"
+    require_min_side((height, width), smallest, str(item.hr), role)
     lr_size = (height // SCALE, width // SCALE)
     if item.ref_mode == "lr":
         reference_sizes = [lr_size]

@@ -152,7 +152,7 @@ def pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
             grey = _wide_to_uint8(np.asarray(image), mode)
             logger.info("%s is %s (high bit depth greyscale); converted to 8-bit RGB", name, mode)
             return np.repeat(grey[..., None], 3, axis=2)
-        if "A" in mode or "a" in mode or "transparency" in image.info:
+        if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
             logger.info("%s is %s with transparency; the alpha channel is ignored", name, mode)
         else:
             logger.info("%s is %s; converted to RGB", name, mode)

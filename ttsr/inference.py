@@ -83,6 +83,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise InputError(f"unknown device {device!r}; use auto, cpu or cuda") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA was requested but PyTorch sees no CUDA GPU here; use --device cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InputError(
+            f"{resolved} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
     return resolved
 
 
@@ -233,11 +237,13 @@ class Upscaler:
         tile_size: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        self.search_implementation = "straightforward"
         if fast_search_available():
-            model.set_search("fast")
-            self.search_implementation = "fast"
-        else:
-            self.search_implementation = "straightforward"
+            try:
+                model.set_search("fast")
+                self.search_implementation = "fast"
+            except ImportError:  # present but unusable here: keep the definition
+                model.set_search("straightforward")
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
@@ -398,7 +404,7 @@ class Upscaler:
                 output.index, [r.shape[:2] for r in references]
             )
         return UpscaleResult(
-            sr=Image.fromarray(to_uint8(output.sr)),
+            sr=Image.fromarray(_to_uint8_by_rows(output.sr)),
             bicubic=Image.fromarray(inputs.lrsr_rgb),
             soft_attention=output.soft_attention,
             correspondence=correspondence,
@@ -443,6 +449,15 @@ class Upscaler:
             if progress is not None:
                 progress(done, len(plan.tiles))
         return RawOutput(sr=sr, soft_attention=attention, index=index)
+
+
+def _to_uint8_by_rows(image: torch.Tensor, rows: int = 256) -> np.ndarray:
+    """:func:`~ttsr.data.degradation.to_uint8` of ``[3, H, W]`` a band of rows at a time, so that
+    its float temporaries stay small for large images."""
+    out = np.empty((image.shape[1], image.shape[2], 3), np.uint8)
+    for top in range(0, image.shape[1], rows):
+        out[top : top + rows] = to_uint8(image[:, top : top + rows])
+    return out
 
 
 def _scaled(span: slice) -> slice:

@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+import torch
+
 from ttsr.checkpoints import CheckpointError
 from ttsr.imaging import InputError
 from ttsr.inference import Upscaler
@@ -56,7 +58,7 @@ def run_guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
             raise
         error(prog, _message(failure))
         return EXIT_BAD_INPUT
-    except MemoryError:
+    except (MemoryError, torch.cuda.OutOfMemoryError):
         if debug:
             raise
         error(prog, "ran out of memory; lower --max-memory so that the image is processed in tiles")
@@ -132,6 +134,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PIXELS",
         help="force LR tiles of this size (default: as large as --max-memory allows)",
     )
+
+
+def examples(docstring: str) -> str:
+    """An ``examples:`` epilog from the command lines in a CLI module's docstring."""
+    lines = [line.strip() for line in docstring.splitlines() if line.strip().startswith("ttsr-")]
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ttsr.checkpoints import convert_released_checkpoint
-from ttsr.cli.common import EXIT_OK, add_debug_argument, run_guarded
+from ttsr.cli.common import EXIT_OK, add_debug_argument, examples, run_guarded
 from ttsr.imaging import check_writable
 
 PROG = "ttsr-convert"
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert a released TTSR checkpoint (researchmm/TTSR, MainNet.* / LTE.* keys) "
         "into a ttsr checkpoint for ttsr-infer and ttsr-eval.",
-        epilog=__doc__.split("\n", 1)[1],
+        epilog=examples(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="released checkpoint (.pt), e.g. TTSR.pt or TTSR-rec.pt")

@@ -27,6 +27,7 @@ from ttsr.cli.common import (
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
+    examples,
     positive_int,
     run_guarded,
 )
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
         "SSIM (BT.601, 8-bit) for bicubic and the model, per image and on average.",
-        epilog=__doc__.split("\n", 1)[1],
+        epilog=examples(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dataset", nargs="?", help="folder of HR images (or CUFED5 layout)")
@@ -125,6 +126,8 @@ def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder of images")
     if args.ref_dir:
+        if args.ref_mode != "auto":
+            parser.error("--ref-dir and --ref-mode are alternatives: give one of them")
         return folder_items(folder, "dir", Path(args.ref_dir))
     mode = args.ref_mode
     if mode == "auto":
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_writable(out / "results.json", image=False)
     upscaler = None if args.bicubic_only else build_upscaler(args)
     for item in items:  # sizes and memory budget from the headers, before any heavy work
-        check_item(item, upscaler)
+        check_item(item, upscaler, args.border)
     with tqdm(total=len(items), unit="image", file=sys.stderr, disable=None) as bar:
 
         def on_image(row: EvalRow, images: EvalImages) -> None:
@@ -166,7 +169,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.save_summary:
         title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
         save_image(summary_chart(table, title), out / "summary.png")
-    print(f"{PROG}: {len(table.rows)} images; results in {out}/results.json and results.csv")
+    count = f"{len(table.rows)} image{'s' * (len(table.rows) != 1)}"
+    print(f"{PROG}: {count}; results in {out}/results.json and results.csv")
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from ttsr.cli.common import (
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
+    examples,
     run_guarded,
 )
 from ttsr.imaging import (
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
         "with textures found in one or more reference images of similar content (another view of "
         "the scene, a sharper photo). Folders process every image in them.",
-        epilog=__doc__.split("\n", 1)[1],
+        epilog=examples(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("inputs and outputs")
@@ -126,7 +127,7 @@ def extra_outputs(out: Path, args: argparse.Namespace) -> dict[str, Path]:
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.exists():
-        raise InputError(f"{path}: no such {what}; check the path")
+        raise InputError(f"{path}: no such file; check the path of the {what}")
     if path.is_dir():
         raise InputError(f"{path} is a directory, but a {what} is expected here")
     return path
@@ -153,7 +154,10 @@ def plan_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list
 def _folder_jobs(lr_dir: Path, refs: list[Path], out_dir: Path) -> list[Job]:
     inputs = list_images(lr_dir)
     if not inputs:
-        raise InputError(f"{lr_dir} holds no images (.png, .jpg, ...)")
+        raise InputError(
+            f"{lr_dir} is a directory without images (.png, .jpg, ...); give an image file or a "
+            "folder of images"
+        )
     stems = [p.stem for p in inputs]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:

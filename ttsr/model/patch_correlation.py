@@ -81,9 +81,9 @@ def patch_norms(features: Tensor) -> Tensor:
 
 
 def padded_pixel_table(features: Tensor) -> Tensor:
-    """Zero-pad by one pixel and lay out channels last: ``[C, H, W]`` -> ``[(H+2)*(W+2), C]``."""
+    """Zero-pad by one pixel, channels last: ``[..., C, H, W]`` -> ``[... * (H+2) * (W+2), C]``."""
     padded = torch.nn.functional.pad(features, (1, 1, 1, 1))
-    return padded.permute(1, 2, 0).reshape(-1, features.size(0))
+    return padded.movedim(-3, -1).reshape(-1, features.size(-3))
 
 
 class PatchTables:
@@ -102,8 +102,6 @@ class PatchTables:
         self.query_table = padded_pixel_table(query)  # [B * (H+2) * (W+2), C]
         self.query_pixels = (self.height + 2) * (self.width + 2)
         self.key_shapes = [tuple(k.shape[-2:]) for k in keys]
-        per_batch = [k.transpose(0, 1).reshape(channels, -1, k.size(-1)) for k in keys]
-        del per_batch
         tables = [padded_pixel_table(k) for k in keys]  # each [B * padded_i, C]
         padded = [(h + 2) * (w + 2) for h, w in self.key_shapes]
         self.key_pixels = sum(padded)
@@ -234,17 +232,22 @@ class RowRelevance:
         most = (rows_per_step + 2) * self.correlation_row
         # Per-pixel correlations of up to rows+2 padded query rows (+2 so shifted views fit),
         # in the matmul dtype and in the accumulation dtype.
-        self.correlation = torch.zeros(most, dtype=dtype, device=device)
-        self.correlation_sums = (
-            torch.zeros(most + 2, dtype=accumulate, device=device) if dtype != accumulate else None
-        )
+        # Only the slack that shifted views read past the written part is zeroed: what they
+        # read there meets invalid key positions only, but it has to be finite.
+        self.correlation = torch.empty(most + 2, dtype=dtype, device=device)
+        self.correlation[most:] = 0
+        self.correlation_sums = None
+        if dtype != accumulate:
+            self.correlation_sums = torch.empty(most + 2, dtype=accumulate, device=device)
+            self.correlation_sums[most:] = 0
         # Ring of horizontal sums; +2 key rows of zeros so vertically shifted views fit.
-        self.horizontal = torch.zeros(
+        self.horizontal = torch.empty(
             rows_per_step + 2,
             self.row_elements + 2 * self.key_row_length,
             dtype=accumulate,
             device=device,
         )
+        self.horizontal[:, self.row_elements :] = 0
         self.relevance = torch.empty(
             rows_per_step, self.row_elements, dtype=accumulate, device=device
         )
@@ -256,13 +259,11 @@ class RowRelevance:
             first_padded_row * padded_width : (first_padded_row + count) * padded_width
         ]
         used = count * self.correlation_row
-        correlation = self.correlation[:used]
-        torch.matmul(pixels, self.key_matrix, out=correlation.view(-1, self.key_size))
+        correlation = self.correlation
+        torch.matmul(pixels, self.key_matrix, out=correlation[:used].view(-1, self.key_size))
         if self.correlation_sums is not None:
-            self.correlation_sums[:used].copy_(correlation)
+            self.correlation_sums[:used].copy_(correlation[:used])
             correlation = self.correlation_sums
-        else:
-            correlation = torch.nn.functional.pad(correlation, (0, 2))
         for i in range(count):
             start = i * self.correlation_row
             target = self.horizontal[(first_padded_row + i) % len(self.horizontal), :length]

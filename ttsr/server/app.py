@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ttsr.checkpoints import CheckpointError
 from ttsr.imaging import InputError
 from ttsr.inference import Upscaler
+from ttsr.memory import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class RequestGuard:
     def _too_large_message(self) -> str:
         return (
             f"the upload is larger than this server accepts (at most "
-            f"{_megabytes(self.settings.max_upload_bytes)} per image and "
+            f"{format_size(self.settings.max_upload_bytes)} per image and "
             f"{self.settings.max_references} references); send smaller images"
         )
 
@@ -284,10 +285,6 @@ def _host_name(host_header: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / MB:.3g} MB"
 
 
 # --- uploads ------------------------------------------------------------------------------------
@@ -312,7 +309,7 @@ def _stage(upload: UploadFile, folder: Path, role: str, max_bytes: int) -> Path:
             if copied > max_bytes:
                 raise ApiError(
                     413,
-                    f"{role}/{target.name} is larger than {_megabytes(max_bytes)}, the limit per "
+                    f"{role}/{target.name} is larger than {format_size(max_bytes)}, the limit per "
                     "image on this server; send a smaller image",
                 )
             out.write(chunk)
@@ -410,6 +407,8 @@ def create_app(
     upload, reference, queue and host limits.
     """
     settings = settings or ServerSettings()
+    if settings.temp_dir is not None:
+        settings.temp_dir.mkdir(parents=True, exist_ok=True)
     if upscaler is None:
         upscaler = partial(
             Upscaler.from_checkpoint, checkpoint, device=device, max_memory=max_memory
