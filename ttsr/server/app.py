@@ -429,7 +429,7 @@ def create_app(
         "for programs, e.g. `curl -F lr=@photo.png -F ref=@other.jpg "
         "http://127.0.0.1:8000/api/upscale -o photo_x4.png`.",
         version=_version(),
-        docs_url=None,  # FastAPI's /docs and /redoc load their scripts from a CDN: see _docs
+        docs_url=None,  # FastAPI's /docs and /redoc load scripts from a CDN: see docs() below
         redoc_url=None,
         lifespan=lifespan,
     )
