@@ -12,10 +12,8 @@ A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_onl
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ttsr.files import atomic_write
 from ttsr.model.ttsr import TTSR
 
 FORMAT_NAME = "ttsr"
@@ -59,16 +58,7 @@ def model_config(model: TTSR) -> dict[str, Any]:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: no partial files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def save_checkpoint(
