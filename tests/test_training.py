@@ -126,6 +126,15 @@ def test_rec_recipe_fits_resumes_validates_tests_and_exports(workdir, capsys):
         expected = module.model.eval()(*inputs, ref, ref).sr
         assert torch.equal(model(*inputs, ref, ref).sr, expected)
 
+    # A new run warm-started from the exported weights (learning rate 0: nothing moves) ends
+    # with exactly those weights, not with the seeded fresh initialisation.
+    last.unlink()
+    frozen = ["--model.lr=0", "--model.extractor_lr=0", "--trainer.max_epochs=1"]
+    main(["fit", *recipe("ttsr_rec", workdir), *frozen, f"--init_weights={exported}"])
+    started = torch.load(last, weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(started["model." + key], value), key
+
 
 def test_gan_recipe_warms_up_then_trains_critic_and_generator(workdir):
     run = workdir / "runs" / "ttsr_gan"

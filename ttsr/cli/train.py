@@ -23,6 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer import Trainer
 
+from ttsr.checkpoints import load_checkpoint, load_state_strict
 from ttsr.data.datamodule import TTSRDataModule
 from ttsr.losses import WeightsUnavailableError
 from ttsr.training import AtomicCheckpointIO, TTSRTraining, export_weights
@@ -71,6 +72,20 @@ class TTSRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.patch_size", "model.discriminator_size")
+        parser.add_argument(
+            "--init_weights",
+            type=str | None,
+            default=None,
+            help="ttsr checkpoint (.pt, e.g. from 'ttsr-train export') whose weights start a new "
+            "run (warm start with fresh optimizers); the architecture must match the config. "
+            "Ignored when --ckpt_path resumes a run.",
+        )
+
+    def before_fit(self) -> None:
+        subcommand = self.config[self.subcommand]
+        init_weights = subcommand.get("init_weights")
+        if init_weights and not subcommand.get("ckpt_path"):
+            warm_start(self.model, init_weights)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -81,6 +96,13 @@ class TTSRCLI(LightningCLI):
         if not trainer_config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def warm_start(training: TTSRTraining, path: str) -> None:
+    """Copy the weights of the ttsr checkpoint at ``path`` into ``training.model``."""
+    trained = load_checkpoint(path)
+    load_state_strict(training.model, trained.state_dict(), source=path)
+    print(f"{PROG}: weights initialised from {path}", file=sys.stderr)
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ttsr.model.cpu_workers import run_items, worker_count
+
 #: ``F.normalize``'s epsilon: patch norms below it are clamped, as in the straightforward search.
 NORM_EPS = 1e-12
 #: Unit roundoff of bfloat16 (8 significant bits, round to nearest).
@@ -94,7 +96,7 @@ def patch_norms(features: Tensor) -> Tensor:
 
     Equal to the norm of the columns of ``F.unfold(features, 3, padding=1)``.
     """
-    return box_sum_3x3(features.pow(2).sum(-3)).sqrt()
+    return box_sum_3x3((features * features).sum(-3)).sqrt()
 
 
 def padded_pixel_table(features: Tensor) -> Tensor:
@@ -189,230 +191,333 @@ def pair_dot(
     return out
 
 
+class Workspace:
+    """Flat scratch buffers reused from step to step (one per worker), grown on demand."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Tensor:
+        """A contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = torch.empty(numel, dtype=dtype, device=like.device)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(*shape)
+
+
 def relevance_steps(
-    query: Tensor,
+    query_table: Tensor,
+    query_size: tuple[int, int],
     key: Tensor,
     inverse_key_norm: Tensor,
-    dtype: torch.dtype,
     rows_per_step: int,
-    key_rows_per_chunk: int,
-    row_range: tuple[int, int] | None = None,
-) -> Iterator[tuple[int, int, Tensor]]:
-    """Relevance of LR patches to reference patches, a block at a time, from per-pixel products.
+    key_rows: tuple[int, int],
+    row_range: tuple[int, int],
+    workspace: Workspace,
+) -> Iterator[tuple[int, Tensor]]:
+    """Relevance of LR patches to the patches of some reference rows, from per-pixel products.
 
-    For every chunk of ``key_rows_per_chunk`` reference rows, sweeps the LR rows (``row_range``,
-    default all) ``rows_per_step`` at a time and yields ``(first_lr_row, first_key_row,
-    relevance)``, ``relevance`` ``[B, rows * W, key_rows * Wr]`` (a buffer reused by the next
-    step): ``<query patch, key patch> / max(|key patch|, eps)``, not divided by the query norm.
+    Sweeps the LR rows of ``row_range`` ``rows_per_step`` at a time and yields ``(first_lr_row,
+    relevance)``, ``relevance`` ``[B, rows * W, key_rows * Wr]`` (a buffer that the next step
+    reuses): ``<query patch, key patch> / max(|key patch|, eps)``, not divided by the query norm.
 
     Args:
-        query: ``[B, C, H, W]``; key: ``[B, C, Hr, Wr]``; both cast to ``dtype`` for the matmul,
-            whose products are summed in float32 for bfloat16, else in ``dtype``.
+        query_table: ``[B, (H+2) * (W+2), C]`` zero-padded channels-last query pixels, in the
+            matmul dtype (bfloat16 products are summed in float32, others in their dtype).
+        query_size: ``(H, W)``.
+        key: ``[B, C, Hr+2, Wr+2]`` zero-padded reference pixels, in the matmul dtype.
         inverse_key_norm: ``[B, Hr, Wr]``, ``1 / max(|key patch|, eps)``.
+        key_rows: ``(first, stop)`` reference rows (patch centres) of this chunk.
     """
-    batch, channels, height, width = query.shape
-    key_height, key_width = key.shape[-2:]
-    first_row, stop_row = row_range or (0, height)
-    accumulate = torch.float32 if dtype == torch.bfloat16 else dtype
-    device = query.device
+    batch, channels = key.shape[:2]
+    height, width = query_size
+    key_width = key.size(3) - 2
     row_length = key_width + 2  # padded
-    query_table = padded_pixel_table(query.to(dtype)).view(batch, -1, channels)
-    key_padded = F.pad(key.to(dtype), (1, 1, 1, 1))  # [B, C, Hr+2, Wr+2]
-
-    chunk_rows = min(key_rows_per_chunk, key_height)
+    dtype = query_table.dtype
+    accumulate = torch.float32 if dtype == torch.bfloat16 else dtype
+    first_key_row, stop_key_row = key_rows
+    rows_here = stop_key_row - first_key_row
+    padded_rows = rows_here + 2
+    first_row, stop_row = row_range
     steps = min(rows_per_step, stop_row - first_row)
-    # Padded LR rows: per-pixel products (matmul dtype, then summing dtype) and a sliding window
-    # of horizontal 3-sums; the window slides (copying two rows) only when it is full.
-    window = steps + 2 + max(steps, 4)
-    most = batch * (steps + 2) * (width + 2) * (chunk_rows + 2) * row_length
-    products = torch.empty(most, dtype=dtype, device=device)
-    summing = torch.empty(most, dtype=accumulate, device=device) if dtype != accumulate else None
-    horizontal = torch.empty(
-        batch, window, width, chunk_rows + 2, key_width, dtype=accumulate, device=device
+    # Padded reference rows first_key_row .. stop_key_row + 1 hold the chunk's patches.
+    keys = workspace.get("keys", (batch, channels, padded_rows * row_length), key, dtype)
+    keys.view(batch, channels, padded_rows, row_length).copy_(
+        key[:, :, first_key_row : stop_key_row + 2]
     )
-    relevance = torch.empty(
-        batch * steps * width * chunk_rows * key_width, dtype=accumulate, device=device
+    scale = inverse_key_norm[:, None, first_key_row:stop_key_row]
+    # A ring of horizontal 3-sums of padded LR rows: each serves three output rows.
+    slots = steps + 2
+    ring = workspace.get("ring", (slots, batch, width, padded_rows, key_width), key, accumulate)
+    relevance = workspace.get(
+        "relevance", (batch, steps, width, rows_here, key_width), key, accumulate
     )
-
-    for first_key_row in range(0, key_height, chunk_rows):
-        rows_here = min(chunk_rows, key_height - first_key_row)
-        padded_rows = rows_here + 2
-        keys = key_padded[:, :, first_key_row : first_key_row + padded_rows]
-        keys = keys.reshape(batch, channels, padded_rows * row_length)
-        scale = inverse_key_norm[:, None, None, first_key_row : first_key_row + rows_here]
-        window_start = first_row  # padded LR row held in window slot 0
-        window_end = first_row  # first padded LR row not yet in the window
-        for first in range(first_row, stop_row, steps):
-            rows = min(steps, stop_row - first)
-            needed_end = first + rows + 2  # output rows use padded rows first .. first+rows+1
-            if needed_end - window_start > window:  # slide: keep the last two rows
-                for slot in range(2):
-                    horizontal[:, slot].copy_(horizontal[:, window_end - 2 - window_start + slot])
-                window_start = window_end - 2
-            new = needed_end - window_end
-            pixels = query_table[:, window_end * (width + 2) : needed_end * (width + 2)]
-            shape = (batch, new, width + 2, padded_rows, row_length)
-            out = products[: batch * new * (width + 2) * padded_rows * row_length]
-            torch.matmul(pixels, keys, out=out.view(batch, new * (width + 2), -1))
-            sums = out.view(shape)
-            if summing is not None:
-                sums = summing[: out.numel()].view(shape)
-                sums.copy_(out.view(shape))
-            target = horizontal[
-                :, window_end - window_start : needed_end - window_start, :, :padded_rows
-            ]
-            # Query pixel x + dx meets key pixel c + dx.
+    computed = first_row  # padded LR rows below this are in the ring
+    for first in range(first_row, stop_row, steps):
+        rows = min(steps, stop_row - first)
+        needed = first + rows + 2  # output rows use padded LR rows first .. first+rows+1
+        new = needed - computed
+        pixels = query_table[:, computed * (width + 2) : needed * (width + 2)]
+        shape = (batch, new, width + 2, padded_rows, row_length)
+        products = workspace.get(
+            "products", (batch, new * (width + 2), padded_rows * row_length), key, dtype
+        )
+        if batch == 1:
+            torch.mm(pixels[0], keys[0], out=products[0])
+        else:
+            torch.bmm(pixels, keys, out=products)
+        sums = products.view(shape)
+        if accumulate != dtype:
+            sums = workspace.get("sums", shape, key, accumulate).copy_(sums)
+        for i in range(new):
+            target = ring[(computed + i) % slots]
+            # LR pixel x + dx meets reference pixel c + dx.
             torch.add(
-                sums[:, :, :width, :, :key_width],
-                sums[:, :, 1 : width + 1, :, 1 : key_width + 1],
+                sums[:, i, :width, :, :key_width],
+                sums[:, i, 1 : width + 1, :, 1 : key_width + 1],
                 out=target,
             )
-            target.add_(sums[:, :, 2 : width + 2, :, 2 : key_width + 2])
-            window_end = needed_end
-            # Padded LR row y + dy meets padded key row r + dy.
-            base = first - window_start
-            out_rows = relevance[: batch * rows * width * rows_here * key_width]
-            out_rows = out_rows.view(batch, rows, width, rows_here, key_width)
-            torch.add(
-                horizontal[:, base : base + rows, :, :rows_here],
-                horizontal[:, base + 1 : base + rows + 1, :, 1 : rows_here + 1],
-                out=out_rows,
-            )
-            out_rows.add_(horizontal[:, base + 2 : base + rows + 2, :, 2 : rows_here + 2])
-            out_rows.mul_(scale)
-            yield first, first_key_row, out_rows.view(batch, rows * width, -1)
+            target.add_(sums[:, i, 2 : width + 2, :, 2 : key_width + 2])
+        computed = needed
+        out = relevance[:, :rows] if rows < steps else relevance
+        for j in range(rows):
+            # Padded LR row y + dy meets padded reference row r + dy.
+            top, middle, bottom = (ring[(first + j + dy) % slots] for dy in range(3))
+            row = out[:, j]
+            torch.add(top[:, :, :rows_here], middle[:, :, 1 : rows_here + 1], out=row)
+            row.add_(bottom[:, :, 2 : rows_here + 2])
+            row.mul_(scale)
+        yield first, out.reshape(batch, rows * width, rows_here * key_width)
 
 
-def _block_rows(rows: int, width: int, most: int = 2048) -> int:
+def _block_rows(rows: int, width: int, most: int = 1024) -> int:
     """Largest divisor of ``rows`` whose rows hold at most ``most`` positions (at least 1)."""
     fitting = [d for d in range(1, rows + 1) if rows % d == 0 and d * width <= most]
     return max(fitting, default=1)
 
 
-@dataclass(frozen=True)
 class _Block:
-    """One step of :func:`relevance_steps` seen as per-query blocks of whole reference rows."""
+    """One step of :func:`relevance_steps`: per query, blocks of whole reference rows.
 
-    ids: Tensor  # [B, Q] flat query ids b * N + n
-    blocks: Tensor  # [B, Q, blocks, block_size] relevance
-    block_max: Tensor  # [B, Q, blocks]
-    best: Tensor  # [B, Q]
-    first_position: int  # global position of the block's first entry
+    ``ids`` ``[B, Q]`` flat query ids ``b * N + n``; ``blocks`` ``[B, Q, blocks, size]``;
+    ``block_max`` ``[B, Q, blocks]``; ``best`` ``[B, Q]``; positions are global.
+    """
 
-    @staticmethod
-    def of(
-        first_row: int,
-        first_key_row: int,
-        relevance: Tensor,
-        key_width: int,
-        height: int,
-        width: int,
-        position_offset: int,
-    ) -> _Block:
+    def __init__(self, ids: Tensor, relevance: Tensor, key_width: int, first_position: int):
         batch, queries, entries = relevance.shape
-        block_size = _block_rows(entries // key_width, key_width) * key_width
-        blocks = relevance.view(batch, queries, entries // block_size, block_size)
-        block_max = blocks.amax(3)
-        starts = torch.arange(batch, device=relevance.device)[:, None] * (height * width)
-        ids = starts + first_row * width + torch.arange(queries, device=relevance.device)
-        return _Block(
-            ids, blocks, block_max, block_max.amax(2), position_offset + first_key_row * key_width
-        )
+        size = _block_rows(entries // key_width, key_width) * key_width
+        self.ids = ids
+        self.blocks = relevance.view(batch, queries, entries // size, size)
+        self.block_max = self.blocks.amax(3)
+        self.best = self.block_max.amax(2)
+        self.first_position = first_position
 
     def at_least(self, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Every (query id, position, value) with ``value >= threshold [B, Q]``."""
+        """Every (query id, position, value) with ``value >= threshold`` ``[B, Q]``."""
         b, q, k = (self.block_max >= threshold[..., None]).nonzero(as_tuple=True)
         values = self.blocks[b, q, k]
         which, entry = (values >= threshold[b, q, None]).nonzero(as_tuple=True)
-        block_size = self.blocks.size(3)
-        positions = self.first_position + k[which] * block_size + entry
+        positions = self.first_position + k[which] * self.blocks.size(3) + entry
         return self.ids[b, q][which], positions, values[which, entry]
 
-    def first_best(self, queries: tuple[Tensor, Tensor]) -> Tensor:
-        """Position of the first entry equal to the best, for the given (b, q) queries."""
-        b, q = queries
+    def first_best(self, b: Tensor, q: Tensor) -> Tensor:
+        """Position of the first entry equal to the best, for queries ``(b, q)``."""
         best = self.best[b, q, None]
         block = (self.block_max[b, q] == best).int().argmax(1)
         entry = (self.blocks[b, q, block] == best).int().argmax(1)
         return self.first_position + block * self.blocks.size(3) + entry
 
 
+@dataclass(frozen=True)
+class _Item:
+    """A unit of search work: some reference rows of one reference, for some batch elements."""
+
+    reference: int
+    key_rows: tuple[int, int]
+    batch: tuple[int, int]
+    row_range: tuple[int, int]
+
+
+class _ExactState:
+    """A worker's best (value, first position) per query, in the input dtype."""
+
+    def __init__(self, queries: int, like: Tensor) -> None:
+        self.best = torch.full((queries,), float("-inf"), dtype=like.dtype, device=like.device)
+        self.position = torch.zeros(queries, dtype=torch.long, device=like.device)
+        self.workspace = Workspace()
+
+    def merge(self, other: _ExactState) -> None:
+        """Keep the higher value; equal values keep the smaller position."""
+        better = (other.best > self.best) | (
+            (other.best == self.best) & (other.position < self.position)
+        )
+        self.best = torch.where(better, other.best, self.best)
+        self.position = torch.where(better, other.position, self.position)
+
+
+class _ScreenedState:
+    """A worker's running best screened value per query and candidates near it."""
+
+    def __init__(self, queries: int, like: Tensor) -> None:
+        self.best = torch.full((queries,), float("-inf"), device=like.device)
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.size = 0
+        self.crowded = torch.zeros(queries, dtype=torch.bool, device=like.device)
+        self.workspace = Workspace()
+
+    def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
+        self.parts.append((ids, positions, values))
+        self.size += ids.numel()
+
+    def candidates(self, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stored (id, position, value) with ``value >= threshold[id]``."""
+        if not self.parts:
+            empty = threshold.new_empty(0, dtype=torch.long)
+            return empty, empty, threshold.new_empty(0)
+        ids, positions, values = (torch.cat(column) for column in zip(*self.parts, strict=True))
+        keep = values >= threshold[ids]
+        return ids[keep], positions[keep], values[keep]
+
+    def prune(self, margin: Tensor) -> None:
+        """Drop candidates below the current thresholds; over the store limit, give up on the
+        queries with the most (they are searched again exactly)."""
+        if self.size <= CANDIDATE_STORE_LIMIT:
+            return
+        ids, positions, values = self.candidates(self.best - margin)
+        counts = torch.bincount(ids, minlength=self.best.numel())
+        self.crowded |= counts > MAX_CANDIDATES_PER_QUERY
+        keep = ~self.crowded[ids]
+        self.parts = [(ids[keep], positions[keep], values[keep])]
+        self.size = self.parts[0][0].numel()
+
+
 class _Search:
-    """Best reference position of every query patch of a batch (see :func:`search_best_positions`)."""
+    """Best reference position of every query patch of a batch; see :func:`search_best_positions`."""
 
     def __init__(
         self, query: Tensor, keys: Sequence[Tensor], rows_per_step: int, key_rows_per_chunk: int
     ) -> None:
         self.query, self.keys = query, list(keys)
         self.batch, _, self.height, self.width = query.shape
+        self.queries = self.batch * self.height * self.width
         self.rows_per_step, self.key_rows_per_chunk = rows_per_step, key_rows_per_chunk
         self.query_norm = patch_norms(query).reshape(-1)  # [B * N]
-        self.key_norms = [patch_norms(k) for k in self.keys]  # [B, Hr, Wr]
-        offsets = [0]
+        self.inverse_key_norms = [patch_norms(k).clamp_min(NORM_EPS).reciprocal() for k in keys]
+        self.position_offsets = [0]
         for key in self.keys[:-1]:
-            offsets.append(offsets[-1] + key.size(2) * key.size(3))
-        self.position_offsets = offsets
+            self.position_offsets.append(self.position_offsets[-1] + key.size(2) * key.size(3))
+        self.workers = worker_count(query.device)
 
-    def steps(
-        self, dtype: torch.dtype, row_range: tuple[int, int] | None = None
-    ) -> Iterator[_Block]:
+    def items(self, row_range: tuple[int, int]) -> list[_Item]:
+        """Chunks of reference rows; batch groups too when there are few chunks per worker."""
+        chunks = [
+            (i, (start, min(start + self.key_rows_per_chunk, key.size(2))))
+            for i, key in enumerate(self.keys)
+            for start in range(0, key.size(2), self.key_rows_per_chunk)
+        ]
+        groups = min(self.batch, -(-2 * self.workers // len(chunks))) if self.workers > 1 else 1
+        bounds = [round(g * self.batch / groups) for g in range(groups + 1)]
+        return [
+            _Item(i, rows, (bounds[g], bounds[g + 1]), row_range)
+            for i, rows in chunks
+            for g in range(groups)
+        ]
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Padded pixel tables in the matmul dtype, shared by the workers."""
+        batch, channels = self.query.shape[:2]
+        self.query_table = padded_pixel_table(self.query.to(dtype)).view(batch, -1, channels)
+        self.padded_keys = [F.pad(k.to(dtype), (1, 1, 1, 1)) for k in self.keys]
         scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        for key, norm, offset in zip(self.keys, self.key_norms, self.position_offsets, strict=True):
-            inverse = norm.clamp_min(NORM_EPS).reciprocal().to(scale_dtype)
-            for first, first_key_row, relevance in relevance_steps(
-                self.query,
-                key,
-                inverse,
-                dtype,
-                self.rows_per_step,
-                self.key_rows_per_chunk,
-                row_range,
-            ):
-                yield _Block.of(
-                    first, first_key_row, relevance, key.size(3), self.height, self.width, offset
-                )
+        self.scales = [s.to(scale_dtype) for s in self.inverse_key_norms]
+
+    def blocks(self, item: _Item, workspace: Workspace) -> Iterator[_Block]:
+        """The relevance blocks of a work item, step by step (after :meth:`prepare`)."""
+        b0, b1 = item.batch
+        key_width = self.keys[item.reference].size(3)
+        first_position = self.position_offsets[item.reference] + item.key_rows[0] * key_width
+        count = self.height * self.width
+        device = self.query.device
+        starts = (torch.arange(b0, b1, device=device) * count)[:, None]
+        steps = relevance_steps(
+            self.query_table[b0:b1],
+            (self.height, self.width),
+            self.padded_keys[item.reference][b0:b1],
+            self.scales[item.reference][b0:b1],
+            self.rows_per_step,
+            item.key_rows,
+            item.row_range,
+            workspace,
+        )
+        for first, relevance in steps:
+            ids = starts + first * self.width + torch.arange(relevance.size(1), device=device)
+            yield _Block(ids, relevance, key_width, first_position)
 
     def exact(self, row_range: tuple[int, int] | None = None) -> Tensor:
-        """Best positions in the input dtype, ties to the smallest: ``[B * N]`` (rows outside
-        ``row_range`` are 0)."""
-        best = torch.full_like(self.query_norm, float("-inf"))
-        position = torch.zeros(best.shape, dtype=torch.long, device=best.device)
-        for block in self.steps(self.query.dtype, row_range):
-            ids = block.ids
-            better = (block.best > best[ids]).nonzero(as_tuple=True)
-            if better[0].numel():
-                best[ids[better]] = block.best[better]
-                position[ids[better]] = block.first_best(better)
-        return position
+        """Best positions ``[B * N]`` in the input dtype (ties: smallest position); only the
+        queries of ``row_range`` (default all rows) are searched, the others are 0."""
+        rows = row_range or (0, self.height)
+        self.prepare(self.query.dtype)
+
+        def process(item: _Item, state: _ExactState) -> None:
+            for block in self.blocks(item, state.workspace):
+                better = (block.best > state.best[block.ids]).nonzero(as_tuple=True)
+                if better[0].numel():
+                    ids = block.ids[better]
+                    state.best[ids] = block.best[better]
+                    state.position[ids] = block.first_best(*better)
+
+        states = run_items(
+            self.items(rows), process, lambda: _ExactState(self.queries, self.query), self.workers
+        )
+        for other in states[1:]:
+            states[0].merge(other)
+        return states[0].position
 
     def screened(self) -> Tensor:
         """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring."""
         margin = 2.0 * screening_error_bound(self.query, self.keys, self.query_norm)
-        running = torch.full_like(self.query_norm, float("-inf"))
         zero_query = self.query_norm == 0  # relevance 0 everywhere: the first position wins
-        store = _CandidateStore(self.query_norm.numel())
-        for block in self.steps(torch.bfloat16):
-            ids = block.ids
-            running[ids] = torch.maximum(running[ids], block.best)
-            threshold = (running[ids] - margin[ids]).masked_fill(zero_query[ids], float("inf"))
-            store.add(*block.at_least(threshold))
-            store.prune(running - margin)
-        ids, positions, values = store.final(running - margin)
-        counts = torch.bincount(ids, minlength=running.numel())
-        index = torch.zeros(running.shape, dtype=torch.long, device=running.device)
+        self.prepare(torch.bfloat16)
+
+        def process(item: _Item, state: _ScreenedState) -> None:
+            for block in self.blocks(item, state.workspace):
+                ids = block.ids
+                best = torch.maximum(state.best[ids], block.best)
+                state.best[ids] = best
+                threshold = (best - margin[ids]).masked_fill(zero_query[ids], float("inf"))
+                state.add(*block.at_least(threshold))
+            state.prune(margin)
+
+        states = run_items(
+            self.items((0, self.height)),
+            process,
+            lambda: _ScreenedState(self.queries, self.query),
+            self.workers,
+        )
+        best = torch.stack([s.best for s in states]).amax(0)
+        found = [s.candidates(best - margin) for s in states]
+        ids, positions, _ = (torch.cat(column) for column in zip(*found, strict=True))
+        counts = torch.bincount(ids, minlength=self.queries)
+        crowded = counts > MAX_CANDIDATES_PER_QUERY
+        for state in states:
+            crowded |= state.crowded
+        index = torch.zeros(self.queries, dtype=torch.long, device=self.query.device)
         single = counts[ids] == 1
         index[ids[single]] = positions[single]
-        overflow = counts > MAX_CANDIDATES_PER_QUERY
-        overflow[store.overflow] = True
-        several = ~single & ~overflow[ids]
+        several = ~single & ~crowded[ids]
         if bool(several.any()):
-            index[...] = self._rescore(ids[several], positions[several], index)
-        if bool(overflow.any()):
-            self._search_again(overflow, index)
+            index = self._rescore(ids[several], positions[several], index)
+        if bool(crowded.any()):
+            self._search_again(crowded, index)
         return index
 
     def _rescore(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
-        """Exact float32 best among the candidates of each query; ties to the smallest position."""
+        """Exact float32 best among each query's candidates; ties to the smallest position."""
         tables = PatchTables(self.query, self.keys)
         count = self.height * self.width
         batch_index = torch.div(ids, count, rounding_mode="floor")
@@ -424,11 +529,10 @@ class _Search:
         chosen.scatter_reduce_(0, ids[is_best], positions[is_best], "amin")
         return torch.where(chosen == torch.iinfo(torch.long).max, index, chosen)
 
-    def _search_again(self, overflow: Tensor, index: Tensor) -> None:
-        """Exact search of the LR rows holding queries with too many candidates."""
-        rows = torch.unique(
-            torch.remainder(overflow.nonzero().squeeze(1), self.height * self.width) // self.width
-        )
+    def _search_again(self, crowded: Tensor, index: Tensor) -> None:
+        """Exact search of the LR rows that hold queries with too many candidates."""
+        count = self.height * self.width
+        rows = torch.unique(torch.remainder(crowded.nonzero().squeeze(1), count) // self.width)
         runs: list[list[int]] = []
         for row in rows.tolist():
             if runs and runs[-1][1] == row:
@@ -437,38 +541,10 @@ class _Search:
                 runs.append([row, row + 1])
         for start, stop in runs:
             exact = self.exact((start, stop))
-            index[overflow] = torch.where(overflow, exact, index)[overflow]
-
-
-class _CandidateStore:
-    """(query id, position, screened value) candidates, pruned as thresholds rise."""
-
-    def __init__(self, queries: int) -> None:
-        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.size = 0
-        self.queries = queries
-        self.overflow = torch.zeros(0, dtype=torch.long)
-
-    def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
-        self.parts.append((ids, positions, values))
-        self.size += ids.numel()
-
-    def final(self, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ids, positions, values = (torch.cat(part) for part in zip(*self.parts, strict=True))
-        keep = values >= threshold[ids]
-        return ids[keep], positions[keep], values[keep]
-
-    def prune(self, threshold: Tensor) -> None:
-        if self.size <= CANDIDATE_STORE_LIMIT:
-            return
-        ids, positions, values = self.final(threshold)
-        counts = torch.bincount(ids, minlength=self.queries)
-        crowded = counts > MAX_CANDIDATES_PER_QUERY
-        if bool(crowded.any()):
-            self.overflow = torch.cat([self.overflow.to(ids.device), crowded.nonzero().squeeze(1)])
-            keep = ~crowded[ids]
-            ids, positions, values = ids[keep], positions[keep], values[keep]
-        self.parts, self.size = [(ids, positions, values)], ids.numel()
+            in_rows = crowded.view(self.batch, self.height, self.width).clone()
+            in_rows[:, :start] = False
+            in_rows[:, stop:] = False
+            index[in_rows.view(-1)] = exact[in_rows.view(-1)]
 
 
 def screening_error_bound(query: Tensor, keys: Sequence[Tensor], query_norm: Tensor) -> Tensor:
@@ -531,7 +607,7 @@ def search_best_positions(
             ``"bfloat16"`` (force it for float32 input) or ``"off"`` (input dtype throughout).
         rows_per_step, key_rows_per_chunk: the tiling (LR rows per step, reference rows per
             chunk); by default chosen for about ``step_elements`` relevance entries per step.
-            Working memory is about 40 bytes per entry; the result does not depend on it.
+            Working memory is a few times that per worker; the result does not depend on it.
     Returns:
         ``[B, H*W]`` int64 indices into the concatenated reference positions.
     """
