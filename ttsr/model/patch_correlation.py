@@ -1,26 +1,26 @@
 """Exact 3x3-patch cosine search in bounded memory, from per-pixel correlations.
 
 The dot product of two 3x3 patches is the sum, over the 9 aligned offsets, of per-pixel feature
-dot products. One matmul of the zero-padded query pixels of an LR row with the zero-padded pixels
-of a few reference rows, then sums along the 3x3 diagonals (shifted adds: 3 horizontal, then 3
+dot products. One matmul of the zero-padded pixels of an LR row with the zero-padded pixels of a
+few reference rows, then sums along the 3x3 diagonals (shifted adds: 3 horizontal, then 3
 vertical), gives the relevance of those LR patches to those reference patches at about ``C + 6``
 multiply-adds per pair instead of ``9C``, with the same argmax.
 
-Work is blocked for the cache: the reference is split into chunks of a few relu3_1 rows; for each
-chunk, the LR rows are swept in order, and the horizontal sums of a padded LR row are kept in a
-small ring, since each one serves three output rows. Memory is ``O(rows x chunk)``, never
-``O(N x M)``.
+Work is blocked for the cache: the reference is cut into chunks of a few relu3_1 rows; for each
+chunk the LR rows are swept in order, and the horizontal sums of each padded LR row stay in a
+small ring, since each serves three output rows. Memory is ``O(rows x chunk)``, never
+``O(N x M)``. Chunks are handed to worker threads (:mod:`ttsr.model.cpu_workers`).
 
-Screening (float32 input on a CPU with fast bfloat16 matmul): the per-pixel correlations are
-computed in bfloat16 with float32 accumulation, and a rigorous bound on the error of the screened
-relevance is known per query (:func:`screening_error_bound`). Every reference patch whose screened
-relevance is within twice that bound of the best screened one is a candidate; the true best is
-always among them. Candidates of queries that have more than one are rescored exactly in float32
-(most queries have one). Queries with very many candidates (flat, near-identical regions) are
-searched again exactly in float32, so the result never depends on the screening.
+Screening (float32 input on a CPU with fast bfloat16 matmul): the per-pixel products are computed
+in bfloat16 (float32 accumulation, bfloat16 result), and :func:`screening_error_bound` bounds the
+error of the screened relevance of every query. Every reference patch whose screened relevance is
+within twice that bound of the best screened one is a candidate: the exact best is always among
+them. Queries with several candidates have them rescored exactly in float32 (most have one);
+queries with very many (flat, near-identical regions) are searched again exactly, in float32. So
+the result never depends on the screening.
 
-Positions: a query ``n = y * W + x``; a reference position ``m`` is row-major over the relu3_1 grid
-of each reference, references concatenated in order (as in ``search_transfer.search``).
+Positions: a query ``n = y * W + x``; a reference position ``m`` is row-major over the relu3_1
+grid of each reference, references concatenated in order (as in ``search_transfer.search``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttsr.model.cpu_workers import run_items, worker_count
+from ttsr.model.cpu_workers import run_items, single_threaded, worker_count
 
 #: ``F.normalize``'s epsilon: patch norms below it are clamped, as in the straightforward search.
 NORM_EPS = 1e-12
@@ -43,16 +43,17 @@ BFLOAT16_UNIT_ROUNDOFF = 2.0**-8
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 #: Extra margin on the screening bound, for float32 rounding of norms, sums and comparisons.
 SCREENING_SLACK = 1e-4
-#: Relevance entries per step (batch x LR rows x W x reference rows x Wr): a few MB of working
-#: memory, which stays in the cache.
-DEFAULT_STEP_ELEMENTS = 1 << 18
+#: Relevance entries per step (batch x LR rows x W x reference rows x Wr): with the ring and the
+#: products, a few MB per worker, which stay in the cache.
+DEFAULT_STEP_ELEMENTS = 1 << 19
 #: Fewest reference rows per chunk: each chunk recomputes 2 halo rows.
 MIN_KEY_ROWS = 8
-#: Queries with more candidates than this are searched again exactly.
-MAX_CANDIDATES_PER_QUERY = 64
-#: Stored candidates beyond which the store is pruned to the current thresholds.
+#: Queries with more candidates than this are searched again exactly (milliseconds per LR row)
+#: rather than rescored (microseconds per candidate).
+MAX_CANDIDATES_PER_QUERY = 512
+#: Stored candidates per worker beyond which they are pruned to the current thresholds.
 CANDIDATE_STORE_LIMIT = 1 << 22
-#: Patch pairs scored per chunk in :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
+#: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
 PAIR_CHUNK = 1 << 12
 
 Screening = Literal["auto", "bfloat16", "off"]
@@ -84,115 +85,33 @@ def resolve_screening(screening: Screening, query: Tensor) -> bool:
     return screening == "bfloat16" or bfloat16_screening_available(query.device)
 
 
-def box_sum_3x3(values: Tensor) -> Tensor:
-    """Sum over each 3x3 window with zero padding: ``[..., H, W]`` -> ``[..., H, W]``."""
-    padded = F.pad(values, (1, 1, 1, 1))
-    rows = padded[..., :-2, :] + padded[..., 1:-1, :] + padded[..., 2:, :]
-    return rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+def padded_pixel_table(features: Tensor) -> Tensor:
+    """Zero-pad by one pixel, channels last: ``[B, C, H, W]`` -> ``[B, (H+2) * (W+2), C]``."""
+    batch, channels = features.shape[:2]
+    padded = F.pad(features, (1, 1, 1, 1))
+    return padded.permute(0, 2, 3, 1).contiguous().view(batch, -1, channels)
+
+
+def table_patch_norms(table: Tensor, height: int, width: int) -> Tensor:
+    """Norms of the 3x3 patches of a padded pixel table: ``[B, (H+2)*(W+2), C]`` -> ``[B, H, W]``.
+
+    Equal to the norms of the columns of ``F.unfold(features, 3, padding=1)``.
+    """
+    squared = torch.linalg.vector_norm(table, dim=-1).square().view(-1, height + 2, width + 2)
+    rows = squared[:, :-2] + squared[:, 1:-1] + squared[:, 2:]
+    return (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).sqrt()
 
 
 def patch_norms(features: Tensor) -> Tensor:
-    """L2 norm of every zero-padded 3x3 patch: ``[..., C, H, W]`` -> ``[..., H, W]``.
-
-    Equal to the norm of the columns of ``F.unfold(features, 3, padding=1)``.
-    """
-    return box_sum_3x3((features * features).sum(-3)).sqrt()
-
-
-def padded_pixel_table(features: Tensor) -> Tensor:
-    """Zero-pad by one pixel, channels last: ``[..., C, H, W]`` -> ``[... * (H+2) * (W+2), C]``."""
-    padded = F.pad(features, (1, 1, 1, 1))
-    return padded.movedim(-3, -1).reshape(-1, features.size(-3))
-
-
-class PatchTables:
-    """Zero-padded, channels-last pixel tables of a batch of queries and references.
-
-    Patch dot products then are 9 row gathers (:func:`pair_dot`); nothing is unfolded.
-
-    Args:
-        query: ``[B, C, H, W]``; keys: references, each ``[B, C, Hr_i, Wr_i]``.
-    """
-
-    def __init__(self, query: Tensor, keys: Sequence[Tensor]) -> None:
-        batch, channels, self.height, self.width = query.shape
-        device = query.device
-        self.query_table = padded_pixel_table(query)  # [B * (H+2) * (W+2), C]
-        self.query_pixels = (self.height + 2) * (self.width + 2)
-        shapes = [tuple(k.shape[-2:]) for k in keys]
-        padded = [(h + 2) * (w + 2) for h, w in shapes]
-        self.key_pixels = sum(padded)
-        tables = [padded_pixel_table(k).view(batch, -1, channels) for k in keys]
-        self.key_table = torch.cat(tables, 1).view(-1, channels)  # batch-major
-        self.query_norm = patch_norms(query).reshape(batch, -1)
-        self.key_norm = torch.cat([patch_norms(k).reshape(batch, -1) for k in keys], 1)
-        starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
-        self.position_starts = torch.tensor(starts, device=device)
-        self.table_offsets = torch.tensor(
-            [sum(padded[:i]) for i in range(len(shapes))], device=device
-        )
-        self.key_widths = torch.tensor([w for _, w in shapes], device=device)
-
-    def query_top_left(self, batch_index: Tensor, queries: Tensor) -> Tensor:
-        """Table row of the top-left pixel of query patches (row-major positions)."""
-        rows = torch.div(queries, self.width, rounding_mode="floor")
-        columns = queries - rows * self.width
-        return batch_index * self.query_pixels + rows * (self.width + 2) + columns
-
-    def key_top_left(self, batch_index: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Table row of the top-left pixel of reference patches, and their padded row length."""
-        which = torch.searchsorted(self.position_starts, positions, right=True) - 1
-        local = positions - self.position_starts[which]
-        width = self.key_widths[which]
-        rows = torch.div(local, width, rounding_mode="floor")
-        columns = local - rows * width
-        base = batch_index * self.key_pixels + self.table_offsets[which]
-        return base + rows * (width + 2) + columns, width + 2
-
-    def relevance(self, batch_index: Tensor, queries: Tensor, positions: Tensor) -> Tensor:
-        """``<q, k> / (max(|q|, eps) max(|k|, eps))`` of patch pairs: ``[P]``."""
-        key_top_left, key_row_length = self.key_top_left(batch_index, positions)
-        dot = pair_dot(
-            self.query_table,
-            self.key_table,
-            self.query_top_left(batch_index, queries),
-            key_top_left,
-            self.width + 2,
-            key_row_length,
-        )
-        query_norm = self.query_norm[batch_index, queries].clamp_min(NORM_EPS)
-        return dot / (query_norm * self.key_norm[batch_index, positions].clamp_min(NORM_EPS))
-
-
-def pair_dot(
-    query_table: Tensor,
-    key_table: Tensor,
-    query_top_left: Tensor,
-    key_top_left: Tensor,
-    query_row_length: int,
-    key_row_length: Tensor,
-) -> Tensor:
-    """Dot products of 3x3 patch pairs ``[P]`` from channels-last pixel tables, in chunks."""
-    out = query_table.new_empty(query_top_left.shape)
-    for start in range(0, query_top_left.numel(), PAIR_CHUNK):
-        chunk = slice(start, start + PAIR_CHUNK)
-        query_base, key_base = query_top_left[chunk], key_top_left[chunk]
-        key_rows = key_row_length[chunk] if key_row_length.dim() else key_row_length
-        products = None
-        for dy, dx in PATCH_OFFSETS:
-            query_pixels = query_table.index_select(0, query_base + (dy * query_row_length + dx))
-            key_pixels = key_table.index_select(0, key_base + (dy * key_rows + dx))
-            if products is None:
-                products = query_pixels.mul_(key_pixels)
-            else:
-                products.addcmul_(query_pixels, key_pixels)
-        assert products is not None
-        out[chunk] = products.sum(1)
-    return out
+    """Norms of the zero-padded 3x3 patches: ``[B, C, H, W]`` -> ``[B, H, W]``."""
+    return table_patch_norms(padded_pixel_table(features), *features.shape[-2:])
 
 
 class Workspace:
-    """Flat scratch buffers reused from step to step (one per worker), grown on demand."""
+    """Flat scratch buffers reused from step to step (one per worker), grown on demand.
+
+    Fresh large tensors cost page faults on every allocation; reusing buffers avoids them.
+    """
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
@@ -209,10 +128,162 @@ class Workspace:
         return buffer[:numel].view(*shape)
 
 
+def pixel_windows(pixels: Tensor) -> Tensor:
+    """Overlapping windows of 3 consecutive table rows: ``[P, C]`` -> ``[P - 2, 3C]`` (a view)."""
+    channels = pixels.size(1)
+    pixels = pixels.contiguous()
+    return pixels.as_strided((pixels.size(0) - 2, 3 * channels), (channels, 1))
+
+
+def pair_dot(
+    query_pixels: Tensor,
+    key_pixels: Tensor,
+    query_top_left: Tensor,
+    key_top_left: Tensor,
+    query_row_length: int,
+    key_row_length: Tensor,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """Dot products of 3x3 patch pairs, ``[P]``, from channels-last pixel tables.
+
+    Each patch row is 3 consecutive table rows, so a patch is 3 gathers of ``3C`` values.
+
+    Args:
+        query_pixels, key_pixels: ``[pixels, C]`` zero-padded pixel tables (flattened).
+        query_top_left, key_top_left: ``[P]`` table row of each patch's top-left pixel.
+        query_row_length: padded row length of the query grid; ``key_row_length`` ``[P]``
+            the one of each pair's reference.
+    """
+    workspace = workspace or Workspace()
+    query_windows, key_windows = pixel_windows(query_pixels), pixel_windows(key_pixels)
+    out = query_pixels.new_empty(query_top_left.shape)
+    for start in range(0, query_top_left.numel(), PAIR_CHUNK):
+        chunk = slice(start, start + PAIR_CHUNK)
+        query_base, key_base = query_top_left[chunk], key_top_left[chunk]
+        key_rows = key_row_length[chunk]
+        shape = (query_base.numel(), query_windows.size(1))
+        products = workspace.get("pair_products", shape, query_pixels, query_pixels.dtype)
+        gathered = workspace.get("pair_query", shape, query_pixels, query_pixels.dtype)
+        keys = workspace.get("pair_key", shape, query_pixels, query_pixels.dtype)
+        for dy in range(3):
+            target = products if dy == 0 else gathered
+            torch.index_select(query_windows, 0, query_base + dy * query_row_length, out=target)
+            torch.index_select(key_windows, 0, key_base + dy * key_rows, out=keys)
+            if dy == 0:
+                products.mul_(keys)
+            else:
+                products.addcmul_(gathered, keys)
+        torch.sum(products, 1, out=out[chunk])
+    return out
+
+
+class PatchTables:
+    """Channels-last padded pixel tables of a batch of queries and references, and their geometry.
+
+    Args:
+        query_table: ``[B, (H+2)*(W+2), C]``; query_size: ``(H, W)``.
+        key_tables: per reference ``[B, (Hr+2)*(Wr+2), C]``; key_sizes: their ``(Hr, Wr)``.
+    """
+
+    def __init__(
+        self,
+        query_table: Tensor,
+        query_size: tuple[int, int],
+        key_tables: Sequence[Tensor],
+        key_sizes: Sequence[tuple[int, int]],
+    ) -> None:
+        batch, _, channels = query_table.shape
+        device = query_table.device
+        self.height, self.width = query_size
+        self.key_sizes = list(key_sizes)
+        self.query_table = query_table
+        self.key_tables = list(key_tables)
+        self.query_pixels = query_table.size(1)
+        self.query_norm = table_patch_norms(query_table, *query_size).view(batch, -1)
+        self.key_norms = [
+            table_patch_norms(t, h, w) for t, (h, w) in zip(key_tables, key_sizes, strict=True)
+        ]
+        self.key_norm = torch.cat([n.view(batch, -1) for n in self.key_norms], 1)  # [B, M]
+        self.key_pixels = sum(t.size(1) for t in key_tables)
+        starts, offsets = [0], [0]
+        for (h, w), table in zip(key_sizes, key_tables, strict=True):
+            starts.append(starts[-1] + h * w)
+            offsets.append(offsets[-1] + table.size(1))
+        self.position_offsets = starts[:-1]
+        self.position_starts = torch.tensor(starts[:-1], device=device)
+        self.table_offsets = torch.tensor(offsets[:-1], device=device)
+        self.key_widths = torch.tensor([w for _, w in key_sizes], device=device)
+        self._flat_keys: Tensor | None = None
+        del channels
+
+    @classmethod
+    def of(cls, query: Tensor, keys: Sequence[Tensor]) -> PatchTables:
+        """Tables of ``query`` ``[B, C, H, W]`` and references, each ``[B, C, Hr, Wr]``."""
+        return cls(
+            padded_pixel_table(query),
+            (query.size(2), query.size(3)),
+            [padded_pixel_table(k) for k in keys],
+            [(k.size(2), k.size(3)) for k in keys],
+        )
+
+    @property
+    def flat_query_pixels(self) -> Tensor:
+        """All query tables stacked: ``[B * (H+2)*(W+2), C]``."""
+        return self.query_table.reshape(-1, self.query_table.size(2))
+
+    @property
+    def flat_key_pixels(self) -> Tensor:
+        """Batch-major: batch element b's references follow each other, ``[B * pixels, C]``."""
+        if self._flat_keys is None:
+            channels = self.query_table.size(2)
+            tables = self.key_tables
+            joined = tables[0] if len(tables) == 1 else torch.cat(tables, 1)
+            self._flat_keys = joined.reshape(-1, channels)
+        return self._flat_keys
+
+    def query_top_left(self, batch_index: Tensor, queries: Tensor) -> Tensor:
+        """Flat table row of the top-left pixel of query patches (row-major positions)."""
+        rows = torch.div(queries, self.width, rounding_mode="floor")
+        columns = queries - rows * self.width
+        return batch_index * self.query_pixels + rows * (self.width + 2) + columns
+
+    def key_top_left(self, batch_index: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat table row of the top-left pixel of reference patches, and their padded row length."""
+        which = torch.searchsorted(self.position_starts, positions, right=True) - 1
+        local = positions - self.position_starts[which]
+        width = self.key_widths[which]
+        rows = torch.div(local, width, rounding_mode="floor")
+        columns = local - rows * width
+        base = batch_index * self.key_pixels + self.table_offsets[which]
+        return base + rows * (width + 2) + columns, width + 2
+
+    def relevance(
+        self,
+        batch_index: Tensor,
+        queries: Tensor,
+        positions: Tensor,
+        workspace: Workspace | None = None,
+    ) -> Tensor:
+        """``<q, k> / (max(|q|, eps) max(|k|, eps))`` of patch pairs: ``[P]``."""
+        key_top_left, key_row_length = self.key_top_left(batch_index, positions)
+        dot = pair_dot(
+            self.flat_query_pixels,
+            self.flat_key_pixels,
+            self.query_top_left(batch_index, queries),
+            key_top_left,
+            self.width + 2,
+            key_row_length,
+            workspace,
+        )
+        query_norm = self.query_norm[batch_index, queries].clamp_min(NORM_EPS)
+        return dot / (query_norm * self.key_norm[batch_index, positions].clamp_min(NORM_EPS))
+
+
 def relevance_steps(
     query_table: Tensor,
     query_size: tuple[int, int],
-    key: Tensor,
+    key_table: Tensor,
+    key_size: tuple[int, int],
     inverse_key_norm: Tensor,
     rows_per_step: int,
     key_rows: tuple[int, int],
@@ -221,21 +292,22 @@ def relevance_steps(
 ) -> Iterator[tuple[int, Tensor]]:
     """Relevance of LR patches to the patches of some reference rows, from per-pixel products.
 
-    Sweeps the LR rows of ``row_range`` ``rows_per_step`` at a time and yields ``(first_lr_row,
+    Sweeps the LR rows of ``row_range``, ``rows_per_step`` at a time, and yields ``(first_lr_row,
     relevance)``, ``relevance`` ``[B, rows * W, key_rows * Wr]`` (a buffer that the next step
     reuses): ``<query patch, key patch> / max(|key patch|, eps)``, not divided by the query norm.
 
     Args:
-        query_table: ``[B, (H+2) * (W+2), C]`` zero-padded channels-last query pixels, in the
-            matmul dtype (bfloat16 products are summed in float32, others in their dtype).
+        query_table: ``[B, (H+2) * (W+2), C]`` padded channels-last LR pixels in the matmul dtype
+            (bfloat16 products are summed in float32, others in their own dtype).
         query_size: ``(H, W)``.
-        key: ``[B, C, Hr+2, Wr+2]`` zero-padded reference pixels, in the matmul dtype.
-        inverse_key_norm: ``[B, Hr, Wr]``, ``1 / max(|key patch|, eps)``.
+        key_table: ``[B, (Hr+2) * (Wr+2), C]`` padded channels-last reference pixels, same dtype.
+        key_size: ``(Hr, Wr)``.
+        inverse_key_norm: ``[B, Hr, Wr]``, ``1 / max(|key patch|, eps)``, in the summing dtype.
         key_rows: ``(first, stop)`` reference rows (patch centres) of this chunk.
     """
-    batch, channels = key.shape[:2]
+    batch = query_table.size(0)
     height, width = query_size
-    key_width = key.size(3) - 2
+    key_width = key_size[1]
     row_length = key_width + 2  # padded
     dtype = query_table.dtype
     accumulate = torch.float32 if dtype == torch.bfloat16 else dtype
@@ -245,34 +317,30 @@ def relevance_steps(
     first_row, stop_row = row_range
     steps = min(rows_per_step, stop_row - first_row)
     # Padded reference rows first_key_row .. stop_key_row + 1 hold the chunk's patches.
-    keys = workspace.get("keys", (batch, channels, padded_rows * row_length), key, dtype)
-    keys.view(batch, channels, padded_rows, row_length).copy_(
-        key[:, :, first_key_row : stop_key_row + 2]
-    )
+    keys = key_table[:, first_key_row * row_length : (stop_key_row + 2) * row_length]
     scale = inverse_key_norm[:, None, first_key_row:stop_key_row]
     # A ring of horizontal 3-sums of padded LR rows: each serves three output rows.
     slots = steps + 2
-    ring = workspace.get("ring", (slots, batch, width, padded_rows, key_width), key, accumulate)
-    relevance = workspace.get(
-        "relevance", (batch, steps, width, rows_here, key_width), key, accumulate
+    ring = workspace.get(
+        "ring", (slots, batch, width, padded_rows, key_width), key_table, accumulate
     )
-    computed = first_row  # padded LR rows below this are in the ring
+    computed = first_row  # padded LR rows below this one are in the ring
     for first in range(first_row, stop_row, steps):
         rows = min(steps, stop_row - first)
-        needed = first + rows + 2  # output rows use padded LR rows first .. first+rows+1
+        needed = first + rows + 2  # output rows use padded LR rows first .. first + rows + 1
         new = needed - computed
         pixels = query_table[:, computed * (width + 2) : needed * (width + 2)]
-        shape = (batch, new, width + 2, padded_rows, row_length)
         products = workspace.get(
-            "products", (batch, new * (width + 2), padded_rows * row_length), key, dtype
+            "products", (batch, new * (width + 2), padded_rows * row_length), key_table, dtype
         )
         if batch == 1:
-            torch.mm(pixels[0], keys[0], out=products[0])
+            torch.mm(pixels[0], keys[0].T, out=products[0])
         else:
-            torch.bmm(pixels, keys, out=products)
+            torch.bmm(pixels, keys.transpose(1, 2), out=products)
+        shape = (batch, new, width + 2, padded_rows, row_length)
         sums = products.view(shape)
         if accumulate != dtype:
-            sums = workspace.get("sums", shape, key, accumulate).copy_(sums)
+            sums = workspace.get("sums", shape, key_table, accumulate).copy_(sums)
         for i in range(new):
             target = ring[(computed + i) % slots]
             # LR pixel x + dx meets reference pixel c + dx.
@@ -283,15 +351,17 @@ def relevance_steps(
             )
             target.add_(sums[:, i, 2 : width + 2, :, 2 : key_width + 2])
         computed = needed
-        out = relevance[:, :rows] if rows < steps else relevance
+        relevance = workspace.get(
+            "relevance", (batch, rows, width, rows_here, key_width), key_table, accumulate
+        )
         for j in range(rows):
             # Padded LR row y + dy meets padded reference row r + dy.
             top, middle, bottom = (ring[(first + j + dy) % slots] for dy in range(3))
-            row = out[:, j]
+            row = relevance[:, j]
             torch.add(top[:, :, :rows_here], middle[:, :, 1 : rows_here + 1], out=row)
             row.add_(bottom[:, :, 2 : rows_here + 2])
             row.mul_(scale)
-        yield first, out.reshape(batch, rows * width, rows_here * key_width)
+        yield first, relevance.view(batch, rows * width, rows_here * key_width)
 
 
 def _block_rows(rows: int, width: int, most: int = 1024) -> int:
@@ -301,31 +371,54 @@ def _block_rows(rows: int, width: int, most: int = 1024) -> int:
 
 
 class _Block:
-    """One step of :func:`relevance_steps`: per query, blocks of whole reference rows.
+    """One step of :func:`relevance_steps`, per query cut into blocks of whole reference rows.
 
-    ``ids`` ``[B, Q]`` flat query ids ``b * N + n``; ``blocks`` ``[B, Q, blocks, size]``;
-    ``block_max`` ``[B, Q, blocks]``; ``best`` ``[B, Q]``; positions are global.
+    Covers batch elements ``batch_start ..`` and queries ``query_start .. + Q`` of each;
+    ``blocks`` ``[B', Q, blocks, size]``, ``block_max`` ``[B', Q, blocks]``, ``best`` ``[B', Q]``.
+    Positions are global.
     """
 
-    def __init__(self, ids: Tensor, relevance: Tensor, key_width: int, first_position: int):
+    def __init__(
+        self,
+        relevance: Tensor,
+        key_width: int,
+        first_position: int,
+        batch_start: int,
+        query_start: int,
+        queries_per_batch: int,
+    ) -> None:
         batch, queries, entries = relevance.shape
         size = _block_rows(entries // key_width, key_width) * key_width
-        self.ids = ids
         self.blocks = relevance.view(batch, queries, entries // size, size)
         self.block_max = self.blocks.amax(3)
         self.best = self.block_max.amax(2)
         self.first_position = first_position
+        self.batch_start, self.query_start = batch_start, query_start
+        self.queries_per_batch = queries_per_batch
 
-    def at_least(self, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Every (query id, position, value) with ``value >= threshold`` ``[B, Q]``."""
+    def span(self, per_query: Tensor) -> Tensor:
+        """The view of a ``[B, N]`` per-query tensor that this block covers: ``[B', Q]``."""
+        batch, queries = self.best.shape
+        rows = per_query[self.batch_start : self.batch_start + batch]
+        return rows[:, self.query_start : self.query_start + queries]
+
+    def ids(self, b: Tensor, q: Tensor) -> Tensor:
+        """Flat query ids ``b * N + n`` of block queries ``(b, q)``."""
+        return (self.batch_start + b) * self.queries_per_batch + self.query_start + q
+
+    def at_least(self, threshold: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:
+        """Every (query id, position, value) with ``value >= threshold`` ``[B', Q]``."""
         b, q, k = (self.block_max >= threshold[..., None]).nonzero(as_tuple=True)
-        values = self.blocks[b, q, k]
+        _, queries, count, size = self.blocks.shape
+        flat = (b * queries + q) * count + k
+        values = workspace.get("candidate_blocks", (flat.numel(), size), flat, self.blocks.dtype)
+        torch.index_select(self.blocks.view(-1, size), 0, flat, out=values)
         which, entry = (values >= threshold[b, q, None]).nonzero(as_tuple=True)
-        positions = self.first_position + k[which] * self.blocks.size(3) + entry
-        return self.ids[b, q][which], positions, values[which, entry]
+        positions = self.first_position + k[which] * size + entry
+        return self.ids(b[which], q[which]), positions, values[which, entry]
 
     def first_best(self, b: Tensor, q: Tensor) -> Tensor:
-        """Position of the first entry equal to the best, for queries ``(b, q)``."""
+        """Position of the first entry equal to the best, for block queries ``(b, q)``."""
         best = self.best[b, q, None]
         block = (self.block_max[b, q] == best).int().argmax(1)
         entry = (self.blocks[b, q, block] == best).int().argmax(1)
@@ -343,11 +436,11 @@ class _Item:
 
 
 class _ExactState:
-    """A worker's best (value, first position) per query, in the input dtype."""
+    """A worker's best (value, first position) per query ``[B, N]``, in the input dtype."""
 
-    def __init__(self, queries: int, like: Tensor) -> None:
-        self.best = torch.full((queries,), float("-inf"), dtype=like.dtype, device=like.device)
-        self.position = torch.zeros(queries, dtype=torch.long, device=like.device)
+    def __init__(self, like: Tensor) -> None:
+        self.best = torch.full_like(like, float("-inf"))
+        self.position = torch.zeros(like.shape, dtype=torch.long, device=like.device)
         self.workspace = Workspace()
 
     def merge(self, other: _ExactState) -> None:
@@ -360,38 +453,40 @@ class _ExactState:
 
 
 class _ScreenedState:
-    """A worker's running best screened value per query and candidates near it."""
+    """A worker's running best screened value per query ``[B, N]``, and candidates near it."""
 
-    def __init__(self, queries: int, like: Tensor) -> None:
-        self.best = torch.full((queries,), float("-inf"), device=like.device)
+    def __init__(self, like: Tensor) -> None:
+        self.best = torch.full(like.shape, float("-inf"), device=like.device)
         self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self.size = 0
-        self.crowded = torch.zeros(queries, dtype=torch.bool, device=like.device)
+        self.crowded = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
         self.workspace = Workspace()
 
     def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
         self.parts.append((ids, positions, values))
         self.size += ids.numel()
 
-    def candidates(self, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Stored (id, position, value) with ``value >= threshold[id]``."""
+    def candidates(self, threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """Stored (id, position) whose value reaches ``threshold[id]``."""
         if not self.parts:
             empty = threshold.new_empty(0, dtype=torch.long)
-            return empty, empty, threshold.new_empty(0)
+            return empty, empty
         ids, positions, values = (torch.cat(column) for column in zip(*self.parts, strict=True))
-        keep = values >= threshold[ids]
-        return ids[keep], positions[keep], values[keep]
+        keep = values >= threshold.view(-1)[ids]
+        self.parts = [(ids[keep], positions[keep], values[keep])]
+        self.size = self.parts[0][0].numel()
+        return self.parts[0][0], self.parts[0][1]
 
     def prune(self, margin: Tensor) -> None:
-        """Drop candidates below the current thresholds; over the store limit, give up on the
-        queries with the most (they are searched again exactly)."""
+        """Over the store limit, drop candidates below the current thresholds, then give up
+        on the queries that still have the most (they are searched again exactly)."""
         if self.size <= CANDIDATE_STORE_LIMIT:
             return
-        ids, positions, values = self.candidates(self.best - margin)
-        counts = torch.bincount(ids, minlength=self.best.numel())
+        ids, _ = self.candidates(self.best - margin)
+        counts = torch.bincount(ids, minlength=self.crowded.numel())
         self.crowded |= counts > MAX_CANDIDATES_PER_QUERY
         keep = ~self.crowded[ids]
-        self.parts = [(ids[keep], positions[keep], values[keep])]
+        self.parts = [tuple(column[keep] for column in self.parts[0])]  # type: ignore[misc]
         self.size = self.parts[0][0].numel()
 
 
@@ -399,25 +494,30 @@ class _Search:
     """Best reference position of every query patch of a batch; see :func:`search_best_positions`."""
 
     def __init__(
-        self, query: Tensor, keys: Sequence[Tensor], rows_per_step: int, key_rows_per_chunk: int
+        self,
+        query: Tensor,
+        keys: Sequence[Tensor],
+        rows_per_step: int,
+        key_rows_per_chunk: int,
+        workers: int,
     ) -> None:
-        self.query, self.keys = query, list(keys)
         self.batch, _, self.height, self.width = query.shape
+        self.key_sizes = [(k.size(2), k.size(3)) for k in keys]
         self.queries = self.batch * self.height * self.width
         self.rows_per_step, self.key_rows_per_chunk = rows_per_step, key_rows_per_chunk
-        self.query_norm = patch_norms(query).reshape(-1)  # [B * N]
-        self.inverse_key_norms = [patch_norms(k).clamp_min(NORM_EPS).reciprocal() for k in keys]
-        self.position_offsets = [0]
-        for key in self.keys[:-1]:
-            self.position_offsets.append(self.position_offsets[-1] + key.size(2) * key.size(3))
-        self.workers = worker_count(query.device)
+        self.workers = workers
+        self.device = query.device
+        self.tables = PatchTables.of(query, keys)  # in the input dtype
+        self.query_norm = self.tables.query_norm.reshape(-1)  # [B * N]
+        self.inverse_key_norms = [n.clamp_min(NORM_EPS).reciprocal() for n in self.tables.key_norms]
+        self.matmul_tables: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
 
     def items(self, row_range: tuple[int, int]) -> list[_Item]:
         """Chunks of reference rows; batch groups too when there are few chunks per worker."""
         chunks = [
-            (i, (start, min(start + self.key_rows_per_chunk, key.size(2))))
-            for i, key in enumerate(self.keys)
-            for start in range(0, key.size(2), self.key_rows_per_chunk)
+            (i, (start, min(start + self.key_rows_per_chunk, height)))
+            for i, (height, _) in enumerate(self.key_sizes)
+            for start in range(0, height, self.key_rows_per_chunk)
         ]
         groups = min(self.batch, -(-2 * self.workers // len(chunks))) if self.workers > 1 else 1
         bounds = [round(g * self.batch / groups) for g in range(groups + 1)]
@@ -428,85 +528,91 @@ class _Search:
         ]
 
     def prepare(self, dtype: torch.dtype) -> None:
-        """Padded pixel tables in the matmul dtype, shared by the workers."""
-        batch, channels = self.query.shape[:2]
-        self.query_table = padded_pixel_table(self.query.to(dtype)).view(batch, -1, channels)
-        self.padded_keys = [F.pad(k.to(dtype), (1, 1, 1, 1)) for k in self.keys]
+        """Pixel tables in the matmul dtype, and key scales in the summing dtype."""
+        tables = self.tables
         scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        self.scales = [s.to(scale_dtype) for s in self.inverse_key_norms]
+        self.matmul_tables = (
+            tables.query_table.to(dtype),
+            [t.to(dtype) for t in tables.key_tables],
+            [s.to(scale_dtype) for s in self.inverse_key_norms],
+        )
 
     def blocks(self, item: _Item, workspace: Workspace) -> Iterator[_Block]:
         """The relevance blocks of a work item, step by step (after :meth:`prepare`)."""
+        assert self.matmul_tables is not None
+        query_table, key_tables, scales = self.matmul_tables
         b0, b1 = item.batch
-        key_width = self.keys[item.reference].size(3)
-        first_position = self.position_offsets[item.reference] + item.key_rows[0] * key_width
-        count = self.height * self.width
-        device = self.query.device
-        starts = (torch.arange(b0, b1, device=device) * count)[:, None]
+        key_size = self.key_sizes[item.reference]
+        first_position = (
+            self.tables.position_offsets[item.reference] + item.key_rows[0] * key_size[1]
+        )
         steps = relevance_steps(
-            self.query_table[b0:b1],
+            query_table[b0:b1],
             (self.height, self.width),
-            self.padded_keys[item.reference][b0:b1],
-            self.scales[item.reference][b0:b1],
+            key_tables[item.reference][b0:b1],
+            key_size,
+            scales[item.reference][b0:b1],
             self.rows_per_step,
             item.key_rows,
             item.row_range,
             workspace,
         )
+        count = self.height * self.width
         for first, relevance in steps:
-            ids = starts + first * self.width + torch.arange(relevance.size(1), device=device)
-            yield _Block(ids, relevance, key_width, first_position)
+            yield _Block(relevance, key_size[1], first_position, b0, first * self.width, count)
 
     def exact(self, row_range: tuple[int, int] | None = None) -> Tensor:
-        """Best positions ``[B * N]`` in the input dtype (ties: smallest position); only the
-        queries of ``row_range`` (default all rows) are searched, the others are 0."""
-        rows = row_range or (0, self.height)
-        self.prepare(self.query.dtype)
+        """Best positions ``[B * N]`` in the input dtype, ties to the smallest position. Only the
+        queries of LR rows ``row_range`` (default all) are searched; the others are 0."""
+        self.prepare(self.tables.query_table.dtype)
 
         def process(item: _Item, state: _ExactState) -> None:
             for block in self.blocks(item, state.workspace):
-                better = (block.best > state.best[block.ids]).nonzero(as_tuple=True)
+                best = block.span(state.best)
+                better = (block.best > best).nonzero(as_tuple=True)
                 if better[0].numel():
-                    ids = block.ids[better]
-                    state.best[ids] = block.best[better]
-                    state.position[ids] = block.first_best(*better)
+                    best[better] = block.best[better]
+                    block.span(state.position)[better] = block.first_best(*better)
 
         states = run_items(
-            self.items(rows), process, lambda: _ExactState(self.queries, self.query), self.workers
+            self.items(row_range or (0, self.height)),
+            process,
+            lambda: _ExactState(self.tables.query_norm),
+            self.workers,
         )
         for other in states[1:]:
             states[0].merge(other)
-        return states[0].position
+        return states[0].position.view(-1)
 
     def screened(self) -> Tensor:
         """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring."""
-        margin = 2.0 * screening_error_bound(self.query, self.keys, self.query_norm)
-        zero_query = self.query_norm == 0  # relevance 0 everywhere: the first position wins
+        margin = 2.0 * screening_error_bound(self.tables)
+        # A zero query patch has relevance 0 everywhere and no candidate: the first position
+        # wins, as in the straightforward search.
+        margin = margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
         self.prepare(torch.bfloat16)
 
         def process(item: _Item, state: _ScreenedState) -> None:
             for block in self.blocks(item, state.workspace):
-                ids = block.ids
-                best = torch.maximum(state.best[ids], block.best)
-                state.best[ids] = best
-                threshold = (best - margin[ids]).masked_fill(zero_query[ids], float("inf"))
-                state.add(*block.at_least(threshold))
+                best = block.span(state.best)
+                torch.maximum(best, block.best, out=best)
+                state.add(*block.at_least(best - block.span(margin), state.workspace))
             state.prune(margin)
 
         states = run_items(
             self.items((0, self.height)),
             process,
-            lambda: _ScreenedState(self.queries, self.query),
+            lambda: _ScreenedState(self.tables.query_norm),
             self.workers,
         )
-        best = torch.stack([s.best for s in states]).amax(0)
-        found = [s.candidates(best - margin) for s in states]
-        ids, positions, _ = (torch.cat(column) for column in zip(*found, strict=True))
+        threshold = torch.stack([s.best for s in states]).amax(0) - margin
+        found = [s.candidates(threshold) for s in states]
+        ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
         counts = torch.bincount(ids, minlength=self.queries)
         crowded = counts > MAX_CANDIDATES_PER_QUERY
         for state in states:
             crowded |= state.crowded
-        index = torch.zeros(self.queries, dtype=torch.long, device=self.query.device)
+        index = torch.zeros(self.queries, dtype=torch.long, device=self.device)
         single = counts[ids] == 1
         index[ids[single]] = positions[single]
         several = ~single & ~crowded[ids]
@@ -517,11 +623,13 @@ class _Search:
         return index
 
     def _rescore(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
-        """Exact float32 best among each query's candidates; ties to the smallest position."""
-        tables = PatchTables(self.query, self.keys)
+        """Exact best among each query's candidates; ties go to the smallest position."""
         count = self.height * self.width
         batch_index = torch.div(ids, count, rounding_mode="floor")
-        values = tables.relevance(batch_index, ids - batch_index * count, positions)
+        # Sorted by reference position, the reference rows are gathered nearly in order.
+        order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
+        ids, positions, batch_index = ids[order], positions[order], batch_index[order]
+        values = self.tables.relevance(batch_index, ids - batch_index * count, positions)
         best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
         best.scatter_reduce_(0, ids, values, "amax")
         is_best = values == best[ids]
@@ -531,41 +639,48 @@ class _Search:
 
     def _search_again(self, crowded: Tensor, index: Tensor) -> None:
         """Exact search of the LR rows that hold queries with too many candidates."""
-        count = self.height * self.width
-        rows = torch.unique(torch.remainder(crowded.nonzero().squeeze(1), count) // self.width)
+        crowded = crowded.view(self.batch, self.height, self.width)
         runs: list[list[int]] = []
-        for row in rows.tolist():
+        for row in crowded.any(2).any(0).nonzero().squeeze(1).tolist():
             if runs and runs[-1][1] == row:
                 runs[-1][1] = row + 1
             else:
                 runs.append([row, row + 1])
         for start, stop in runs:
             exact = self.exact((start, stop))
-            in_rows = crowded.view(self.batch, self.height, self.width).clone()
-            in_rows[:, :start] = False
-            in_rows[:, stop:] = False
-            index[in_rows.view(-1)] = exact[in_rows.view(-1)]
+            here = torch.zeros_like(crowded)
+            here[:, start:stop] = crowded[:, start:stop]
+            index[here.view(-1)] = exact[here.view(-1)]
 
 
-def screening_error_bound(query: Tensor, keys: Sequence[Tensor], query_norm: Tensor) -> Tensor:
-    """Bound on |screened - exact| relevance, times the query patch norm: ``[B * N]``.
+def screening_error_bound(tables: PatchTables) -> Tensor:
+    """Bound on |screened - exact| relevance, times the query patch norm: ``[B, N]``.
 
     With ``x = x16 + x_lo`` the bfloat16 rounding of the pixels, per patch
     ``|<q, k> - <q16, k16>| <= (rho_q + rho_k + 3 rho_q rho_k) |q| |k|`` with ``rho = |x_lo| / |x|``
     (Cauchy-Schwarz on the 9C-vectors); rounding each per-pixel product sum (accumulated in
     float32) to bfloat16 adds at most ``(u + gamma_C) (1 + rho_q) (1 + rho_k) |q| |k|``. Screened
-    values are divided by ``max(|k|, eps) >= |k|``, so the bound is ``|q|`` times that factor;
-    ``rho_k`` is the largest over the batch element's reference patches.
+    values are divided by ``max(|k|, eps) >= |k|``, so the bound is ``|q|`` times that factor,
+    with ``rho_k`` the largest over the batch element's reference patches.
     """
-    batch, channels = query.shape[:2]
+    batch, _, channels = tables.query_table.shape
 
-    def rounding_ratio(features: Tensor) -> Tensor:
-        norm = patch_norms(features)
-        residual = patch_norms(features - features.to(torch.bfloat16).to(features.dtype))
+    def rounding_ratio(table: Tensor, norm: Tensor, size: tuple[int, int]) -> Tensor:
+        residual = table_patch_norms(table - table.to(torch.bfloat16).to(table.dtype), *size)
         return torch.where(norm > 0, residual / norm, 0.0).reshape(batch, -1)
 
-    rho_query = rounding_ratio(query)  # [B, N]
-    rho_key = torch.stack([rounding_ratio(k).amax(1) for k in keys]).amax(0)[:, None]  # [B, 1]
+    query_size = (tables.height, tables.width)
+    rho_query = rounding_ratio(
+        tables.query_table, tables.query_norm.view(-1, *query_size), query_size
+    )
+    rho_key = torch.stack(
+        [
+            rounding_ratio(table, norm, size).amax(1)
+            for table, norm, size in zip(
+                tables.key_tables, tables.key_norms, tables.key_sizes, strict=True
+            )
+        ]
+    ).amax(0)[:, None]
     rounding = BFLOAT16_UNIT_ROUNDOFF + (channels + 16) * FLOAT32_UNIT_ROUNDOFF
     factor = (
         rho_query
@@ -574,18 +689,23 @@ def screening_error_bound(query: Tensor, keys: Sequence[Tensor], query_norm: Ten
         + rounding * (1 + rho_query) * (1 + rho_key)
         + SCREENING_SLACK
     )
-    return query_norm * factor.reshape(-1)
+    return tables.query_norm * factor
 
 
 def step_sizes(
-    batch: int, width: int, key_shapes: Sequence[tuple[int, int]], step_elements: int
+    batch: int, width: int, key_sizes: Sequence[tuple[int, int]], step_elements: int
 ) -> tuple[int, int]:
-    """(LR rows per step, reference rows per chunk) for about ``step_elements`` per step."""
-    widest = max(w for _, w in key_shapes)
-    tallest = max(h for h, _ in key_shapes)
-    key_rows = max(MIN_KEY_ROWS, step_elements // max(batch * width * widest, 1))
-    key_rows = min(key_rows, tallest)
-    rows = max(1, step_elements // max(batch * width * widest * key_rows, 1))
+    """(LR rows per step, reference rows per chunk) for about ``step_elements`` per step.
+
+    Two LR rows per step keep the matmul efficient; the chunk takes what the budget leaves, at
+    least :data:`MIN_KEY_ROWS` (each chunk recomputes 2 halo rows), and small references get more
+    LR rows per step instead.
+    """
+    widest = max(w for _, w in key_sizes)
+    tallest = max(h for h, _ in key_sizes)
+    per_key_row = max(batch * width * widest, 1)
+    key_rows = min(tallest, max(MIN_KEY_ROWS, step_elements // (2 * per_key_row)))
+    rows = max(2, step_elements // (per_key_row * key_rows))
     return rows, key_rows
 
 
@@ -613,9 +733,14 @@ def search_best_positions(
     """
     batch, _, height, width = query_lv3.shape
     keys = [k.detach() for k in keys_lv3]
-    rows, key_rows = step_sizes(batch, width, [k.shape[-2:] for k in keys], step_elements)
-    search = _Search(
-        query_lv3.detach(), keys, rows_per_step or rows, key_rows_per_chunk or key_rows
-    )
-    found = search.screened() if resolve_screening(screening, query_lv3) else search.exact()
-    return found.view(batch, height * width)
+    rows, key_rows = step_sizes(batch, width, [(k.size(2), k.size(3)) for k in keys], step_elements)
+    screen = resolve_screening(screening, query_lv3)
+    workers = worker_count(query_lv3.device)
+
+    def run() -> Tensor:
+        search = _Search(
+            query_lv3.detach(), keys, rows_per_step or rows, key_rows_per_chunk or key_rows, workers
+        )
+        return search.screened() if screen else search.exact()
+
+    return single_threaded(run, query_lv3.device).view(batch, height * width)

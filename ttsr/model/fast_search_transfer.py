@@ -1,0 +1,345 @@
+"""SearchTransfer in bounded memory, with gather/scatter gradients: same result, much faster.
+
+- Search: :func:`ttsr.model.patch_correlation.search_best_positions` (exact hard attention from
+  per-pixel correlations, tiled, bfloat16-screened where that is exact).
+- Soft attention: the relevance of each LR patch to its best reference patch, computed from the
+  9 pixel pairs of that patch pair only. ``S`` is a max, so its gradient reaches one reference
+  patch per query: :class:`BestPatchRelevance` back-propagates by gathers and scatter-adds.
+- Transfer: gather-then-fold of unfolded reference patches equals, for every output pixel, a
+  weighted sum over the 9 neighbouring queries of one reference pixel each (the neighbour's best
+  patch, shifted by the neighbour's offset). :class:`TextureGather` computes it as an
+  ``embedding_bag`` over a channels-last table of the reference features, with weights
+  ``1 / overlap_count`` (or ``1 / 9``), and back-propagates by scatter-adds. Nothing is unfolded:
+  the straightforward module's ``9216 x Hr*Wr`` unfolded relu1_1 never exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ttsr.model.cpu_workers import single_threaded
+from ttsr.model.patch_correlation import (
+    DEFAULT_STEP_ELEMENTS,
+    NORM_EPS,
+    PATCH_OFFSETS,
+    PatchTables,
+    Screening,
+    Workspace,
+    search_best_positions,
+)
+from ttsr.model.search_transfer import (
+    CONSTANT_OVERLAP,
+    Divisor,
+    TransferResult,
+    as_reference_list,
+)
+
+#: Patch pairs per chunk in the soft-attention backward (bounds its ``[pairs, C]`` buffers).
+BACKWARD_CHUNK = 1 << 12
+
+
+def _pairs(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat (batch index, query, position) of every query's best patch pair, from ``[B, N]``."""
+    batch, count = index.shape
+    batch_index = torch.arange(batch, device=index.device).repeat_interleave(count)
+    queries = torch.arange(count, device=index.device).repeat(batch)
+    return batch_index, queries, index.reshape(-1)
+
+
+def _unpad(table: Tensor, height: int, width: int) -> Tensor:
+    """Padded channels-last table ``[B, (H+2)*(W+2), C]`` -> ``[B, C, H, W]``."""
+    batch, _, channels = table.shape
+    grid = table.view(batch, height + 2, width + 2, channels)[:, 1:-1, 1:-1]
+    return grid.permute(0, 3, 1, 2).contiguous()
+
+
+class BestPatchRelevance(torch.autograd.Function):
+    """Relevance of each query patch to the reference patch ``index`` picks: ``[B, N]``.
+
+    ``forward(query [B, C, H, W], index [B, N], *keys [B, C, Hr_i, Wr_i])``; ``index`` is
+    non-differentiable. Equal to the straightforward search's maximum, and so is its gradient:
+    ``d S / d q = k / (|q| |k|) - S q / |q|^2`` (the last term only where ``|q| >= eps``, as for
+    ``F.normalize``), likewise for ``k``, scattered onto the pixels of the two patches.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, query: Tensor, index: Tensor, *keys: Tensor) -> Tensor:
+        ctx.save_for_backward(query, index, *keys)
+
+        def run() -> Tensor:
+            tables = PatchTables.of(query, keys)
+            return tables.relevance(*_pairs(index)).view(index.shape)
+
+        return single_threaded(run, query.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        query, index, *keys = ctx.saved_tensors
+        wanted_query = ctx.needs_input_grad[0]
+        wanted_keys = any(ctx.needs_input_grad[2:])
+
+        def run() -> tuple[Tensor | None, ...]:
+            tables = PatchTables.of(query, keys)
+            grad_query, grad_keys = _relevance_backward(tables, index, grad.contiguous())
+            height, width = query.shape[-2:]
+            key_grads = []
+            start = 0
+            for key, size in zip(keys, tables.key_sizes, strict=True):
+                pixels = (size[0] + 2) * (size[1] + 2)
+                key_grads.append(_unpad(grad_keys[:, start : start + pixels], *size))
+                start += pixels
+                del key
+            return (
+                _unpad(grad_query, height, width) if wanted_query else None,
+                None,
+                *(key_grads if wanted_keys else [None] * len(keys)),
+            )
+
+        return single_threaded(run, query.device)
+
+
+def _relevance_backward(tables: PatchTables, index: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :class:`BestPatchRelevance` on the padded pixel tables: query
+    ``[B, (H+2)*(W+2), C]`` and keys ``[B, sum_i (Hr_i+2)*(Wr_i+2), C]`` (batch-major)."""
+    batch, _, channels = tables.query_table.shape
+    query_pixels, key_pixels = tables.flat_query_pixels, tables.flat_key_pixels
+    grad_query = torch.zeros_like(query_pixels)
+    grad_key = torch.zeros_like(key_pixels)
+    batch_index, queries, positions = _pairs(index)
+    query_norm = tables.query_norm[batch_index, queries]
+    key_norm = tables.key_norm[batch_index, positions]
+    clamped_query, clamped_key = query_norm.clamp_min(NORM_EPS), key_norm.clamp_min(NORM_EPS)
+    query_top_left = tables.query_top_left(batch_index, queries)
+    key_top_left, key_row_length = tables.key_top_left(batch_index, positions)
+    relevance = tables.relevance(batch_index, queries, positions)
+    g = grad.reshape(-1)
+    # d S / d q = a k - b_q q and d S / d k = a q - b_k k, per pair.
+    cross = g / (clamped_query * clamped_key)
+    self_query = g * relevance / clamped_query.square() * (query_norm >= NORM_EPS)
+    self_key = g * relevance / clamped_key.square() * (key_norm >= NORM_EPS)
+    workspace = Workspace()
+    for start in range(0, g.numel(), BACKWARD_CHUNK):
+        chunk = slice(start, start + BACKWARD_CHUNK)
+        shape = (g[chunk].numel(), channels)
+        a, bq, bk = cross[chunk, None], self_query[chunk, None], self_key[chunk, None]
+        for dy, dx in PATCH_OFFSETS:
+            query_rows = query_top_left[chunk] + (dy * (tables.width + 2) + dx)
+            key_rows = key_top_left[chunk] + (dy * key_row_length[chunk] + dx)
+            q = workspace.get("q", shape, query_pixels, query_pixels.dtype)
+            k = workspace.get("k", shape, query_pixels, query_pixels.dtype)
+            torch.index_select(query_pixels, 0, query_rows, out=q)
+            torch.index_select(key_pixels, 0, key_rows, out=k)
+            grad_query.index_add_(0, query_rows, a * k - bq * q)
+            grad_key.index_add_(0, key_rows, a * q - bk * k)
+    return grad_query.view(batch, -1, channels), grad_key.view(batch, -1, channels)
+
+
+class TextureGather(torch.autograd.Function):
+    """``out[p] = sum_j weight[p, j] * table[index[p, j]]``: ``[P, C]`` from a ``[T, C]`` table.
+
+    ``index`` and ``weight`` are ``[P, 9]`` constants. The backward scatter-adds ``weight * grad``
+    back onto the table rows (no dense matrix anywhere).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.table_rows = table.size(0)
+        return single_threaded(
+            lambda: F.embedding_bag(index, table, mode="sum", per_sample_weights=weight),
+            table.device,
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        index, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+
+        def run() -> Tensor:
+            grad_table = grad.new_zeros(ctx.table_rows, grad.size(1))
+            for j in range(index.size(1)):
+                grad_table.index_add_(0, index[:, j], grad * weight[:, j, None])
+            return grad_table
+
+        return single_threaded(run, grad.device), None, None
+
+
+def transfer_plan(
+    index: Tensor,
+    lr_size: tuple[int, int],
+    reference_sizes: Sequence[tuple[int, int]],
+    scale: int,
+    divisor: Divisor,
+) -> tuple[Tensor, Tensor]:
+    """Which reference pixels, with which weights, make each output pixel of one level.
+
+    Output pixel ``(a*s + r, b*s + t)`` takes, from each neighbouring query ``(a+da, b+db)``
+    inside the LR grid whose best patch is ``(c, d)``, reference pixel
+    ``((c-da)*s + r, (d-db)*s + t)`` when it lies inside that reference. Its weight is
+    ``1 / overlap_count`` (the number of such pixels, "overlap") or ``1 / 9`` ("constant").
+
+    Args:
+        index: ``[B, H*W]`` best positions (references concatenated).
+        lr_size: ``(H, W)``; reference_sizes: relu3_1 size ``(Hr_i, Wr_i)`` of each reference.
+        scale: 1, 2 or 4; the level's reference pixels are ``(s*Hr_i, s*Wr_i)``.
+    Returns:
+        ``[B*sH*sW, 9]`` rows into the level's table (batch-major, each batch element's
+        references in order, channels last) and ``[B*sH*sW, 9]`` weights, output pixels
+        row-major.
+    """
+    if divisor not in ("overlap", "constant"):
+        raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
+    batch = index.size(0)
+    height, width = lr_size
+    device = index.device
+    starts = [0]
+    for h, w in reference_sizes:
+        starts.append(starts[-1] + h * w)
+    position_starts = torch.tensor(starts[:-1], device=device)
+    widths = torch.tensor([w for _, w in reference_sizes], device=device)
+    heights = torch.tensor([h for h, _ in reference_sizes], device=device)
+    level_pixels = [h * w * scale * scale for h, w in reference_sizes]
+    table_offsets = torch.tensor(
+        [sum(level_pixels[:i]) for i in range(len(level_pixels))], device=device
+    )
+    per_batch = sum(level_pixels)
+
+    grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
+    sub = torch.arange(scale, device=device)
+    rows, weights = [], []
+    for da in (-1, 0, 1):
+        for db in (-1, 0, 1):
+            neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
+            inside_lr = neighbour >= 0
+            position = neighbour.clamp_min(0)
+            which = torch.searchsorted(position_starts, position, right=True) - 1
+            local = position - position_starts[which]
+            ref_width = widths[which]
+            c = torch.div(local, ref_width, rounding_mode="floor") - da
+            d = local - (c + da) * ref_width - db
+            valid = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
+            level_width = ref_width * scale
+            base = (
+                torch.arange(batch, device=device)[:, None, None] * per_batch
+                + table_offsets[which]
+                + c * scale * level_width
+                + d * scale
+            )
+            # [B, H, s, W, s]: sub-pixel (r, t) of block (a, b) is output pixel (a*s+r, b*s+t).
+            row = (
+                base[:, :, None, :, None]
+                + sub[None, None, :, None, None] * level_width[:, :, None, :, None]
+                + sub[None, None, None, None, :]
+            )
+            valid = valid[:, :, None, :, None].expand(-1, -1, scale, -1, scale)
+            rows.append(torch.where(valid, row, 0).reshape(-1))
+            weights.append(valid.reshape(-1))
+    row_index = torch.stack(rows, 1)
+    valid = torch.stack(weights, 1)
+    if divisor == "constant":
+        weight = valid.to(torch.float32) / CONSTANT_OVERLAP
+    else:
+        overlap_count = valid.sum(1, keepdim=True)
+        weight = valid.to(torch.float32) / overlap_count
+    return row_index, weight
+
+
+def level_table(references: Sequence[Tensor]) -> Tensor:
+    """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``."""
+    batch, channels = references[0].shape[:2]
+    tables = [r.permute(0, 2, 3, 1).reshape(batch, -1, channels) for r in references]
+    joined = tables[0] if len(tables) == 1 else torch.cat(tables, 1)
+    return joined.reshape(-1, channels)
+
+
+def fast_transfer(
+    references: Tensor | Sequence[Tensor],
+    index: Tensor,
+    lr_size: tuple[int, int],
+    reference_sizes: Sequence[tuple[int, int]],
+    scale: int,
+    divisor: Divisor = "overlap",
+) -> Tensor:
+    """:func:`ttsr.model.search_transfer.transfer` without unfolding: ``[B, C, sH, sW]``."""
+    references = as_reference_list(references)
+    batch, channels = references[0].shape[:2]
+    for reference, (h, w) in zip(references, reference_sizes, strict=True):
+        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
+            raise ValueError(
+                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
+                f"got {tuple(reference.shape[-2:])}"
+            )
+    row_index, weight = transfer_plan(index, lr_size, reference_sizes, scale, divisor)
+    table = level_table(references)
+    out = TextureGather.apply(table, row_index, weight.to(table.dtype))
+    height, width = lr_size[0] * scale, lr_size[1] * scale
+    return out.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+
+
+class FastSearchTransfer(nn.Module):
+    """Drop-in :class:`ttsr.model.search_transfer.SearchTransfer`: same result, fast, bounded memory.
+
+    Args:
+        divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).
+        screening: bfloat16 screening of the search (``"auto"``, ``"bfloat16"``, ``"off"``); the
+            result is the same either way.
+        step_elements: working-set size of the search (see
+            :func:`ttsr.model.patch_correlation.search_best_positions`).
+    """
+
+    def __init__(
+        self,
+        divisor: Divisor = "overlap",
+        screening: Screening = "auto",
+        step_elements: int = DEFAULT_STEP_ELEMENTS,
+    ) -> None:
+        super().__init__()
+        if divisor not in ("overlap", "constant"):
+            raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
+        self.divisor: Divisor = divisor
+        self.screening: Screening = screening
+        self.step_elements = step_elements
+
+    def forward(
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        ref_lv1: Tensor | Sequence[Tensor],
+        ref_lv2: Tensor | Sequence[Tensor],
+        ref_lv3: Tensor | Sequence[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
+        return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
+
+    def search_and_transfer(
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        ref_lv1: Tensor | Sequence[Tensor],
+        ref_lv2: Tensor | Sequence[Tensor],
+        ref_lv3: Tensor | Sequence[Tensor],
+    ) -> TransferResult:
+        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
+        keys = as_reference_list(refsr_lv3)
+        batch, _, height, width = lrsr_lv3.shape
+        sizes = [(k.size(2), k.size(3)) for k in keys]
+        index = search_best_positions(
+            lrsr_lv3, keys, self.screening, step_elements=self.step_elements
+        )
+        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, *keys)
+        size = (height, width)
+        return TransferResult(
+            soft_attention=soft_attention.view(batch, 1, height, width),
+            t_lv3=fast_transfer(ref_lv3, index, size, sizes, 1, self.divisor),
+            t_lv2=fast_transfer(ref_lv2, index, size, sizes, 2, self.divisor),
+            t_lv1=fast_transfer(ref_lv1, index, size, sizes, 4, self.divisor),
+            index=index.view(batch, height, width),
+        )
