@@ -45,6 +45,7 @@ from ttsr.memory import (
     estimate_peak,
     format_size,
 )
+from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
@@ -122,19 +123,21 @@ class Correspondence:
         cls, index: np.ndarray, reference_sizes: Sequence[tuple[int, int]]
     ) -> Correspondence:
         """Decode TTSR's ``index`` ``[H, W]`` (row-major over the references' relu3_1 grids)."""
-        grid_widths = np.array([w // SCALE for _, w in reference_sizes])
-        counts = np.array([(h // SCALE) * (w // SCALE) for h, w in reference_sizes])
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        reference_id = np.searchsorted(starts, index, side="right") - 1
-        local = index - starts[reference_id]
+        grids = [(h // SCALE, w // SCALE) for h, w in reference_sizes]
+        flow, reference_id = flow_from_index(torch.from_numpy(index)[None].long(), grids)
+        dx, dy = (flow[0, 0] * SCALE).numpy(), (flow[0, 1] * SCALE).numpy()
         centre = (SCALE - 1) / 2
-        y = (local // grid_widths[reference_id] * SCALE + centre).astype(np.float32)
-        x = (local % grid_widths[reference_id] * SCALE + centre).astype(np.float32)
         height, width = index.shape
         out_y = np.arange(height, dtype=np.float32)[:, None] * SCALE + centre
         out_x = np.arange(width, dtype=np.float32)[None, :] * SCALE + centre
-        displacement = np.stack([y - out_y, x - out_x], axis=-1)
-        return cls(reference_id, y, x, displacement, tuple(tuple(s) for s in reference_sizes))
+        displacement = np.stack([dy, dx], axis=-1)
+        return cls(
+            reference_id[0].numpy(),
+            out_y + dy,
+            out_x + dx,
+            displacement,
+            tuple(tuple(s) for s in reference_sizes),
+        )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ttsr.model.cpu_workers import single_threaded
+from ttsr.model.cpu_workers import single_threaded, worker_count
 from ttsr.model.patch_correlation import (
     DEFAULT_STEP_ELEMENTS,
     NORM_EPS,
@@ -128,48 +128,59 @@ def _relevance_backward(tables: PatchTables, index: Tensor, grad: Tensor) -> tup
         chunk = slice(start, start + BACKWARD_CHUNK)
         shape = (g[chunk].numel(), channels)
         a, bq, bk = cross[chunk, None], self_query[chunk, None], self_key[chunk, None]
+        q = workspace.get("q", shape, query_pixels, query_pixels.dtype)
+        k = workspace.get("k", shape, query_pixels, query_pixels.dtype)
+        update = workspace.get("update", shape, query_pixels, query_pixels.dtype)
         for dy, dx in PATCH_OFFSETS:
             query_rows = query_top_left[chunk] + (dy * (tables.width + 2) + dx)
             key_rows = key_top_left[chunk] + (dy * key_row_length[chunk] + dx)
-            q = workspace.get("q", shape, query_pixels, query_pixels.dtype)
-            k = workspace.get("k", shape, query_pixels, query_pixels.dtype)
             torch.index_select(query_pixels, 0, query_rows, out=q)
             torch.index_select(key_pixels, 0, key_rows, out=k)
-            grad_query.index_add_(0, query_rows, a * k - bq * q)
-            grad_key.index_add_(0, key_rows, a * q - bk * k)
+            torch.mul(q, bq, out=update)  # a k - b_q q
+            grad_query.index_add_(0, query_rows, torch.addcmul(update.neg_(), a, k, out=update))
+            torch.mul(k, bk, out=update)  # a q - b_k k
+            grad_key.index_add_(0, key_rows, torch.addcmul(update.neg_(), a, q, out=update))
     return grad_query.view(batch, -1, channels), grad_key.view(batch, -1, channels)
 
 
 class TextureGather(torch.autograd.Function):
-    """``out[p] = sum_j weight[p, j] * table[index[p, j]]``: ``[P, C]`` from a ``[T, C]`` table.
+    """``out[p] = scale[p] * sum_j valid[p, j] * table[index[p, j]]``: ``[P, C]`` from ``[T, C]``.
 
-    ``index`` and ``weight`` are ``[P, 9]`` constants. The backward scatter-adds ``weight * grad``
-    back onto the table rows (no dense matrix anywhere).
+    ``index`` ``[P, 9]`` (rows of the table), ``valid`` ``[P, 9]`` (bool) and ``scale`` ``[P]``
+    are constants. The forward is one ``embedding_bag``; the backward scatter-adds
+    ``scale * grad`` onto the table rows, 9 times (no dense matrix anywhere).
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(index, weight)
+    def forward(
+        ctx: FunctionCtx, table: Tensor, index: Tensor, valid: Tensor, scale: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(index, valid, scale)
         ctx.table_rows = table.size(0)
-        return single_threaded(
-            lambda: F.embedding_bag(index, table, mode="sum", per_sample_weights=weight),
-            table.device,
-        )
+
+        def run() -> Tensor:
+            weight = valid.to(table.dtype) * scale[:, None].to(table.dtype)
+            return F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)
+
+        return single_threaded(run, table.device)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        index, weight = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        index, valid, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
+        rows = ctx.table_rows
 
         def run() -> Tensor:
-            grad_table = grad.new_zeros(ctx.table_rows, grad.size(1))
+            scaled = grad * scale[:, None].to(grad.dtype)
+            # Invalid entries go to an extra row, dropped at the end.
+            grad_table = grad.new_zeros(rows + 1, grad.size(1))
             for j in range(index.size(1)):
-                grad_table.index_add_(0, index[:, j], grad * weight[:, j, None])
-            return grad_table
+                grad_table.index_add_(0, torch.where(valid[:, j], index[:, j], rows), scaled)
+            return grad_table[:rows]
 
-        return single_threaded(run, grad.device), None, None
+        return single_threaded(run, grad.device), None, None, None
 
 
 def transfer_plan(
@@ -178,7 +189,7 @@ def transfer_plan(
     reference_sizes: Sequence[tuple[int, int]],
     scale: int,
     divisor: Divisor,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Which reference pixels, with which weights, make each output pixel of one level.
 
     Output pixel ``(a*s + r, b*s + t)`` takes, from each neighbouring query ``(a+da, b+db)``
@@ -191,9 +202,9 @@ def transfer_plan(
         lr_size: ``(H, W)``; reference_sizes: relu3_1 size ``(Hr_i, Wr_i)`` of each reference.
         scale: 1, 2 or 4; the level's reference pixels are ``(s*Hr_i, s*Wr_i)``.
     Returns:
-        ``[B*sH*sW, 9]`` rows into the level's table (batch-major, each batch element's
-        references in order, channels last) and ``[B*sH*sW, 9]`` weights, output pixels
-        row-major.
+        For the output pixels (row-major): ``[B*sH*sW, 9]`` rows into the level's table
+        (batch-major, each batch element's references in order, channels last; 0 where
+        invalid), ``[B*sH*sW, 9]`` validity and ``[B*sH*sW]`` weights.
     """
     if divisor not in ("overlap", "constant"):
         raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
@@ -245,19 +256,46 @@ def transfer_plan(
     row_index = torch.stack(rows, 1)
     valid = torch.stack(weights, 1)
     if divisor == "constant":
-        weight = valid.to(torch.float32) / CONSTANT_OVERLAP
+        scale = torch.full((valid.size(0),), 1.0 / CONSTANT_OVERLAP, device=device)
     else:
-        overlap_count = valid.sum(1, keepdim=True)
-        weight = valid.to(torch.float32) / overlap_count
-    return row_index, weight
+        scale = 1.0 / valid.sum(1).to(torch.float32)  # 1 / overlap_count
+    return row_index, valid, scale
 
 
 def level_table(references: Sequence[Tensor]) -> Tensor:
     """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``."""
     batch, channels = references[0].shape[:2]
-    tables = [r.permute(0, 2, 3, 1).reshape(batch, -1, channels) for r in references]
+    tables = [r.permute(0, 2, 3, 1).contiguous().view(batch, -1, channels) for r in references]
     joined = tables[0] if len(tables) == 1 else torch.cat(tables, 1)
     return joined.reshape(-1, channels)
+
+
+def check_level_sizes(
+    references: Sequence[Tensor], reference_sizes: Sequence[tuple[int, int]], scale: int
+) -> None:
+    """Raise ``ValueError`` unless each reference's level is ``scale`` times its relu3_1 size."""
+    for reference, (h, w) in zip(references, reference_sizes, strict=True):
+        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
+            raise ValueError(
+                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
+                f"got {tuple(reference.shape[-2:])}"
+            )
+
+
+def gather_textures(
+    references: Sequence[Tensor],
+    plan: tuple[Tensor, Tensor, Tensor],
+    lr_size: tuple[int, int],
+    scale: int,
+) -> Tensor:
+    """Apply a :func:`transfer_plan` to one level's features: ``[B, C, sH, sW]``.
+
+    The result is in ``torch.channels_last`` memory format (the gather's natural layout).
+    """
+    batch, channels = references[0].shape[:2]
+    out = TextureGather.apply(level_table(references), *plan)
+    height, width = lr_size[0] * scale, lr_size[1] * scale
+    return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def fast_transfer(
@@ -270,18 +308,9 @@ def fast_transfer(
 ) -> Tensor:
     """:func:`ttsr.model.search_transfer.transfer` without unfolding: ``[B, C, sH, sW]``."""
     references = as_reference_list(references)
-    batch, channels = references[0].shape[:2]
-    for reference, (h, w) in zip(references, reference_sizes, strict=True):
-        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
-            raise ValueError(
-                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
-                f"got {tuple(reference.shape[-2:])}"
-            )
-    row_index, weight = transfer_plan(index, lr_size, reference_sizes, scale, divisor)
-    table = level_table(references)
-    out = TextureGather.apply(table, row_index, weight.to(table.dtype))
-    height, width = lr_size[0] * scale, lr_size[1] * scale
-    return out.view(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+    check_level_sizes(references, reference_sizes, scale)
+    plan = transfer_plan(index, lr_size, reference_sizes, scale, divisor)
+    return gather_textures(references, plan, lr_size, scale)
 
 
 class FastSearchTransfer(nn.Module):
@@ -329,17 +358,29 @@ class FastSearchTransfer(nn.Module):
     ) -> TransferResult:
         """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
         keys = as_reference_list(refsr_lv3)
+        levels = {1: as_reference_list(ref_lv3), 2: as_reference_list(ref_lv2)}
+        levels[4] = as_reference_list(ref_lv1)
         batch, _, height, width = lrsr_lv3.shape
-        sizes = [(k.size(2), k.size(3)) for k in keys]
-        index = search_best_positions(
-            lrsr_lv3, keys, self.screening, step_elements=self.step_elements
-        )
-        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, *keys)
         size = (height, width)
+        sizes = [(k.size(2), k.size(3)) for k in keys]
+        for scale, references in levels.items():
+            check_level_sizes(references, sizes, scale)
+        workers = worker_count(lrsr_lv3.device)
+
+        # Index work (many small operations) runs on single-threaded workers.
+        def plan() -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+            index = search_best_positions(
+                lrsr_lv3, keys, self.screening, step_elements=self.step_elements, workers=workers
+            )
+            return index, {s: transfer_plan(index, size, sizes, s, self.divisor) for s in levels}
+
+        index, plans = single_threaded(plan, lrsr_lv3.device)
+        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, *keys)
+        textures = {s: gather_textures(levels[s], plans[s], size, s) for s in levels}
         return TransferResult(
             soft_attention=soft_attention.view(batch, 1, height, width),
-            t_lv3=fast_transfer(ref_lv3, index, size, sizes, 1, self.divisor),
-            t_lv2=fast_transfer(ref_lv2, index, size, sizes, 2, self.divisor),
-            t_lv1=fast_transfer(ref_lv1, index, size, sizes, 4, self.divisor),
+            t_lv3=textures[1],
+            t_lv2=textures[2],
+            t_lv1=textures[4],
             index=index.view(batch, height, width),
         )

@@ -48,9 +48,11 @@ SCREENING_SLACK = 1e-4
 DEFAULT_STEP_ELEMENTS = 1 << 19
 #: Fewest reference rows per chunk: each chunk recomputes 2 halo rows.
 MIN_KEY_ROWS = 8
-#: Queries with more candidates than this are searched again exactly (milliseconds per LR row)
-#: rather than rescored (microseconds per candidate).
-MAX_CANDIDATES_PER_QUERY = 512
+#: Rescoring a candidate (two gathers of 9 pixels) costs about as much as this many relevance
+#: entries of an exact float32 search. An LR row whose queries with several candidates have more
+#: than ``W * M / EXACT_ENTRIES_PER_CANDIDATE`` in all is searched again exactly instead
+#: (flat, near-identical regions; or random features, where every cosine is alike).
+EXACT_ENTRIES_PER_CANDIDATE = 400
 #: Stored candidates per worker beyond which they are pruned to the current thresholds.
 CANDIDATE_STORE_LIMIT = 1 << 22
 #: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
@@ -318,6 +320,9 @@ def relevance_steps(
     steps = min(rows_per_step, stop_row - first_row)
     # Padded reference rows first_key_row .. stop_key_row + 1 hold the chunk's patches.
     keys = key_table[:, first_key_row * row_length : (stop_key_row + 2) * row_length]
+    if batch > 1:  # bmm wants the transposed operand contiguous; copy it once per chunk
+        keys_t = workspace.get("keys", (batch, keys.size(2), keys.size(1)), key_table, dtype)
+        keys_t.copy_(keys.transpose(1, 2))
     scale = inverse_key_norm[:, None, first_key_row:stop_key_row]
     # A ring of horizontal 3-sums of padded LR rows: each serves three output rows.
     slots = steps + 2
@@ -336,7 +341,7 @@ def relevance_steps(
         if batch == 1:
             torch.mm(pixels[0], keys[0].T, out=products[0])
         else:
-            torch.bmm(pixels, keys.transpose(1, 2), out=products)
+            torch.bmm(pixels, keys_t, out=products)
         shape = (batch, new, width + 2, padded_rows, row_length)
         sums = products.view(shape)
         if accumulate != dtype:
@@ -453,13 +458,17 @@ class _ExactState:
 
 
 class _ScreenedState:
-    """A worker's running best screened value per query ``[B, N]``, and candidates near it."""
+    """A worker's running best screened value per query ``[B, N]``, and candidates near it.
 
-    def __init__(self, like: Tensor) -> None:
+    ``crowded_rows`` ``[B * H]``: LR rows given up for rescoring (searched again exactly).
+    """
+
+    def __init__(self, like: Tensor, width: int, row_limit: int) -> None:
         self.best = torch.full(like.shape, float("-inf"), device=like.device)
+        self.width, self.row_limit = width, row_limit
         self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self.size = 0
-        self.crowded = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+        self.crowded_rows = torch.zeros(like.numel() // width, dtype=torch.bool, device=like.device)
         self.workspace = Workspace()
 
     def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
@@ -467,27 +476,25 @@ class _ScreenedState:
         self.size += ids.numel()
 
     def candidates(self, threshold: Tensor) -> tuple[Tensor, Tensor]:
-        """Stored (id, position) whose value reaches ``threshold[id]``."""
+        """Stored (id, position) whose value reaches ``threshold[id]``, outside crowded rows."""
         if not self.parts:
             empty = threshold.new_empty(0, dtype=torch.long)
             return empty, empty
         ids, positions, values = (torch.cat(column) for column in zip(*self.parts, strict=True))
-        keep = values >= threshold.view(-1)[ids]
+        keep = (values >= threshold.view(-1)[ids]) & ~self.crowded_rows[ids // self.width]
         self.parts = [(ids[keep], positions[keep], values[keep])]
         self.size = self.parts[0][0].numel()
         return self.parts[0][0], self.parts[0][1]
 
     def prune(self, margin: Tensor) -> None:
-        """Over the store limit, drop candidates below the current thresholds, then give up
-        on the queries that still have the most (they are searched again exactly)."""
+        """Over the store limit, drop candidates below the current thresholds, and give up the
+        rows that still have too many."""
         if self.size <= CANDIDATE_STORE_LIMIT:
             return
         ids, _ = self.candidates(self.best - margin)
-        counts = torch.bincount(ids, minlength=self.crowded.numel())
-        self.crowded |= counts > MAX_CANDIDATES_PER_QUERY
-        keep = ~self.crowded[ids]
-        self.parts = [tuple(column[keep] for column in self.parts[0])]  # type: ignore[misc]
-        self.size = self.parts[0][0].numel()
+        per_row = torch.bincount(ids // self.width, minlength=self.crowded_rows.numel())
+        self.crowded_rows |= per_row > self.row_limit
+        self.candidates(self.best - margin)
 
 
 class _Search:
@@ -592,6 +599,9 @@ class _Search:
         margin = margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
         self.prepare(torch.bfloat16)
 
+        total_positions = sum(h * w for h, w in self.key_sizes)
+        row_limit = max(1, self.width * total_positions // EXACT_ENTRIES_PER_CANDIDATE)
+
         def process(item: _Item, state: _ScreenedState) -> None:
             for block in self.blocks(item, state.workspace):
                 best = block.span(state.best)
@@ -602,24 +612,26 @@ class _Search:
         states = run_items(
             self.items((0, self.height)),
             process,
-            lambda: _ScreenedState(self.tables.query_norm),
+            lambda: _ScreenedState(self.tables.query_norm, self.width, row_limit),
             self.workers,
         )
         threshold = torch.stack([s.best for s in states]).amax(0) - margin
+        crowded_rows = torch.stack([s.crowded_rows for s in states]).any(0)
+        for state in states:
+            state.crowded_rows = crowded_rows
         found = [s.candidates(threshold) for s in states]
         ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
-        counts = torch.bincount(ids, minlength=self.queries)
-        crowded = counts > MAX_CANDIDATES_PER_QUERY
-        for state in states:
-            crowded |= state.crowded
+        counts = torch.bincount(ids, minlength=self.queries)[ids]
         index = torch.zeros(self.queries, dtype=torch.long, device=self.device)
-        single = counts[ids] == 1
-        index[ids[single]] = positions[single]
-        several = ~single & ~crowded[ids]
+        index[ids[counts == 1]] = positions[counts == 1]
+        several = counts > 1
+        rescored = torch.bincount(ids[several] // self.width, minlength=crowded_rows.numel())
+        crowded_rows |= rescored > row_limit
+        several &= ~crowded_rows[ids // self.width]
         if bool(several.any()):
             index = self._rescore(ids[several], positions[several], index)
-        if bool(crowded.any()):
-            self._search_again(crowded, index)
+        if bool(crowded_rows.any()):
+            self._search_again(crowded_rows.view(self.batch, self.height).any(0), index)
         return index
 
     def _rescore(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
@@ -637,20 +649,19 @@ class _Search:
         chosen.scatter_reduce_(0, ids[is_best], positions[is_best], "amin")
         return torch.where(chosen == torch.iinfo(torch.long).max, index, chosen)
 
-    def _search_again(self, crowded: Tensor, index: Tensor) -> None:
-        """Exact search of the LR rows that hold queries with too many candidates."""
-        crowded = crowded.view(self.batch, self.height, self.width)
+    def _search_again(self, rows: Tensor, index: Tensor) -> None:
+        """Exact search of LR rows ``rows`` ``[H]`` (bool), for every batch element."""
         runs: list[list[int]] = []
-        for row in crowded.any(2).any(0).nonzero().squeeze(1).tolist():
-            if runs and runs[-1][1] == row:
+        for row in rows.nonzero().squeeze(1).tolist():
+            if runs and row - runs[-1][1] <= 2:  # close runs are searched as one
                 runs[-1][1] = row + 1
             else:
                 runs.append([row, row + 1])
+        found = index.view(self.batch, self.height * self.width)
         for start, stop in runs:
-            exact = self.exact((start, stop))
-            here = torch.zeros_like(crowded)
-            here[:, start:stop] = crowded[:, start:stop]
-            index[here.view(-1)] = exact[here.view(-1)]
+            exact = self.exact((start, stop)).view(self.batch, -1)
+            span = slice(start * self.width, stop * self.width)
+            found[:, span] = exact[:, span]
 
 
 def screening_error_bound(tables: PatchTables) -> Tensor:
@@ -717,6 +728,7 @@ def search_best_positions(
     rows_per_step: int | None = None,
     key_rows_per_chunk: int | None = None,
     step_elements: int = DEFAULT_STEP_ELEMENTS,
+    workers: int | None = None,
 ) -> Tensor:
     """Best reference position of every 3x3 query patch (the hard attention), in bounded memory.
 
@@ -728,6 +740,7 @@ def search_best_positions(
         rows_per_step, key_rows_per_chunk: the tiling (LR rows per step, reference rows per
             chunk); by default chosen for about ``step_elements`` relevance entries per step.
             Working memory is a few times that per worker; the result does not depend on it.
+        workers: worker threads (default: the intra-op thread count for CPU tensors).
     Returns:
         ``[B, H*W]`` int64 indices into the concatenated reference positions.
     """
@@ -735,7 +748,7 @@ def search_best_positions(
     keys = [k.detach() for k in keys_lv3]
     rows, key_rows = step_sizes(batch, width, [(k.size(2), k.size(3)) for k in keys], step_elements)
     screen = resolve_screening(screening, query_lv3)
-    workers = worker_count(query_lv3.device)
+    workers = worker_count(query_lv3.device) if workers is None else workers
 
     def run() -> Tensor:
         search = _Search(
