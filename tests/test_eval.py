@@ -165,6 +165,19 @@ def test_hr_and_reference_files_directly(tmp_path, checkpoint, capsys) -> None:
     assert document["rows"][0]["ttsr_ssim"] == pytest.approx(ssim(hr, sr), abs=1e-6)
 
 
+def test_one_hr_file_with_its_own_lr_as_reference(tmp_path, checkpoint, capsys) -> None:
+    left = save_png(textured(32, 36, seed=4), tmp_path / "left.png")
+    out = tmp_path / "results"
+    argv = ["--hr", left, "--ref-mode", "lr", "--checkpoint", checkpoint, "--out", out]
+    code, _, err = call(eval.main, argv, capsys)
+    assert code == 0, err
+    document, _ = read_results(out)
+    hr, lr, _ = degrade(textured(32, 36, seed=4))
+    sr = np.asarray(Upscaler.from_checkpoint(checkpoint, device="cpu").upscale(lr, lr).sr)
+    assert document["settings"]["references"] == "lr"
+    assert document["rows"][0]["ttsr_psnr"] == pytest.approx(psnr(hr, sr), abs=1e-6)
+
+
 def test_reference_folder_matched_by_stem(tmp_path, hr_set, checkpoint, capsys) -> None:
     for name in hr_set:
         save_png(textured(24, 24, seed=7), tmp_path / "refs" / f"{name}_1.png")

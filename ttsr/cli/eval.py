@@ -6,6 +6,7 @@
     ttsr-eval data/val/set5 --ref-mode hr                # the HR as reference (upper bound)
     ttsr-eval data/hr --ref-dir data/refs                # references matched by file stem
     ttsr-eval --hr left.png --ref right.png              # one HR image and its reference(s)
+    ttsr-eval --hr left.png --ref-mode lr                # one HR image, its LR as reference
     ttsr-eval data/val/bsd100 --bicubic-only --limit 10  # the bicubic baseline only
 
 HR images are cropped to a multiple of 4 and taken down x4 with PIL bicubic; scores are on the
@@ -113,8 +114,12 @@ def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.hr:
         if args.dataset or args.ref_dir:
             parser.error("--hr evaluates one file: leave out the dataset folder and --ref-dir")
+        if args.ref and args.ref_mode in ("lr", "hr"):
+            parser.error("--hr takes either --ref files or --ref-mode lr|hr, not both")
+        if args.ref_mode in ("lr", "hr"):
+            return [EvalItem(Path(args.hr).stem, Path(args.hr), args.ref_mode)]
         if not args.ref and not args.bicubic_only:
-            parser.error("--hr needs at least one --ref")
+            parser.error("--hr needs at least one --ref, or --ref-mode lr|hr")
         if not args.ref:
             return [EvalItem(Path(args.hr).stem, Path(args.hr), "hr")]
         return pair_items(Path(args.hr), [Path(r) for r in args.ref])
