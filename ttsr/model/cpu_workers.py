@@ -13,6 +13,7 @@ threads start with), so the caller's count is restored when the workers are done
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -31,25 +32,63 @@ def worker_count(device: torch.device) -> int:
     return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
+class _Pool:
+    """Worker threads kept between calls, so each keeps reusing its own memory arena.
+
+    (glibc gives each thread an arena that keeps what it frees; fresh threads for every call
+    would add arenas, and resident memory, call after call.)
+    """
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def submit(self, tasks: list[Callable[[], None]]) -> None:
+        """Run ``tasks`` concurrently on idle pool threads (started as needed)."""
+        with self.lock:
+            missing = max(0, len(tasks) - self.idle)
+            self.idle += missing
+        for _ in range(missing):
+            threading.Thread(target=self._serve, daemon=True).start()
+        for task in tasks:
+            self.tasks.put(task)
+
+    def _serve(self) -> None:
+        while True:
+            task = self.tasks.get()
+            with self.lock:
+                self.idle -= 1
+            try:
+                task()
+            finally:
+                with self.lock:
+                    self.idle += 1
+
+
+_POOL = _Pool()
+
+
 def _run_threads(targets: list[Callable[[], None]]) -> None:
-    """Run each target on its own thread with one intra-op thread and no autograd; re-raise."""
+    """Run each target on a pool thread with one intra-op thread and no autograd; re-raise."""
     errors: list[BaseException] = []
+    done = threading.Semaphore(0)
 
     def body(target: Callable[[], None]) -> None:
-        torch.set_num_threads(1)
         try:
+            torch.set_num_threads(1)
             with torch.no_grad():
                 target()
         except BaseException as error:  # re-raised on the calling thread
             errors.append(error)
+        finally:
+            done.release()
 
     previous = torch.get_num_threads()
-    threads = [threading.Thread(target=body, args=(t,), daemon=True) for t in targets]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _POOL.submit([lambda t=t: body(t) for t in targets])
+        for _ in targets:
+            done.acquire()
     finally:
         torch.set_num_threads(previous)
     if errors:
@@ -99,3 +138,30 @@ def single_threaded(function: Callable[[], Result], device: torch.device) -> Res
     results: list[Result] = []
     _run_threads([lambda: results.append(function())])
     return results[0]
+
+
+#: glibc ``mallopt`` parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Opt-in, process-wide: glibc serves every allocation from its heap and never trims it.
+
+    By default glibc maps each large block (a tensor of a few MB or more) freshly from the OS and
+    unmaps it when freed, so every new large tensor pays a page fault per 4 KB page; in a VM
+    that is a good part of a convolution's time (measured here: the generator at CUFED5 size
+    runs 13-15% faster). With this, freed memory is reused instead; the peak resident set is
+    about the same, but it is not given back to the OS until the process ends. Results are
+    unchanged. Returns whether it took effect (False where the C library is not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

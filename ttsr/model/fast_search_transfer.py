@@ -30,7 +30,7 @@ from ttsr.model.patch_correlation import (
     PatchTables,
     Screening,
     Workspace,
-    search_best_positions,
+    search_with_tables,
 )
 from ttsr.model.search_transfer import (
     CONSTANT_OVERLAP,
@@ -61,19 +61,26 @@ def _unpad(table: Tensor, height: int, width: int) -> Tensor:
 class BestPatchRelevance(torch.autograd.Function):
     """Relevance of each query patch to the reference patch ``index`` picks: ``[B, N]``.
 
-    ``forward(query [B, C, H, W], index [B, N], *keys [B, C, Hr_i, Wr_i])``; ``index`` is
-    non-differentiable. Equal to the straightforward search's maximum, and so is its gradient:
+    ``forward(query [B, C, H, W], index [B, N], tables, *keys [B, C, Hr_i, Wr_i])``: ``index``
+    is non-differentiable; ``tables`` are their :class:`PatchTables` if at hand, else ``None``.
+    Equal to the straightforward search's maximum, and so is its gradient:
     ``d S / d q = k / (|q| |k|) - S q / |q|^2`` (the last term only where ``|q| >= eps``, as for
     ``F.normalize``), likewise for ``k``, scattered onto the pixels of the two patches.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, query: Tensor, index: Tensor, *keys: Tensor) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        query: Tensor,
+        index: Tensor,
+        tables: PatchTables | None,
+        *keys: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(query, index, *keys)
 
         def run() -> Tensor:
-            tables = PatchTables.of(query, keys)
-            return tables.relevance(*_pairs(index)).view(index.shape)
+            known = tables if tables is not None else PatchTables.of(query, keys)
+            return known.relevance(*_pairs(index)).view(index.shape)
 
         return single_threaded(run, query.device)
 
@@ -82,7 +89,7 @@ class BestPatchRelevance(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         query, index, *keys = ctx.saved_tensors
         wanted_query = ctx.needs_input_grad[0]
-        wanted_keys = any(ctx.needs_input_grad[2:])
+        wanted_keys = any(ctx.needs_input_grad[3:])
 
         def run() -> tuple[Tensor | None, ...]:
             tables = PatchTables.of(query, keys)
@@ -97,6 +104,7 @@ class BestPatchRelevance(torch.autograd.Function):
                 del key
             return (
                 _unpad(grad_query, height, width) if wanted_query else None,
+                None,
                 None,
                 *(key_grads if wanted_keys else [None] * len(keys)),
             )
@@ -225,41 +233,37 @@ def transfer_plan(
 
     grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
     sub = torch.arange(scale, device=device)
-    rows, weights = [], []
-    for da in (-1, 0, 1):
-        for db in (-1, 0, 1):
-            neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
-            inside_lr = neighbour >= 0
-            position = neighbour.clamp_min(0)
-            which = torch.searchsorted(position_starts, position, right=True) - 1
-            local = position - position_starts[which]
-            ref_width = widths[which]
-            c = torch.div(local, ref_width, rounding_mode="floor") - da
-            d = local - (c + da) * ref_width - db
-            valid = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
-            level_width = ref_width * scale
-            base = (
-                torch.arange(batch, device=device)[:, None, None] * per_batch
-                + table_offsets[which]
-                + c * scale * level_width
-                + d * scale
-            )
-            # [B, H, s, W, s]: sub-pixel (r, t) of block (a, b) is output pixel (a*s+r, b*s+t).
-            row = (
-                base[:, :, None, :, None]
-                + sub[None, None, :, None, None] * level_width[:, :, None, :, None]
-                + sub[None, None, None, None, :]
-            )
-            valid = valid[:, :, None, :, None].expand(-1, -1, scale, -1, scale)
-            rows.append(torch.where(valid, row, 0).reshape(-1))
-            weights.append(valid.reshape(-1))
-    row_index = torch.stack(rows, 1)
-    valid = torch.stack(weights, 1)
+    pixels = batch * height * scale * width * scale
+    # int32 rows where they fit (half the memory of int64; embedding_bag takes either).
+    row_dtype = torch.int32 if batch * per_batch < 2**31 else torch.long
+    row_index = torch.empty(pixels, 9, dtype=row_dtype, device=device)
+    valid = torch.empty(pixels, 9, dtype=torch.bool, device=device)
+    for j, (da, db) in enumerate((da, db) for da in (-1, 0, 1) for db in (-1, 0, 1)):
+        neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
+        inside_lr = neighbour >= 0
+        position = neighbour.clamp_min(0)
+        which = torch.searchsorted(position_starts, position, right=True) - 1
+        local = position - position_starts[which]
+        ref_width = widths[which]
+        c = torch.div(local, ref_width, rounding_mode="floor") - da
+        d = local - (c + da) * ref_width - db
+        inside = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
+        level_width = ref_width * scale
+        base = torch.arange(batch, device=device)[:, None, None] * per_batch
+        base = (base + table_offsets[which] + c * scale * level_width + d * scale) * inside
+        # [B, H, s, W, s]: sub-pixel (r, t) of block (a, b) is output pixel (a*s+r, b*s+t).
+        rows = row_index[:, j].view(batch, height, scale, width, scale)
+        step = (level_width * inside)[:, :, None, :, None]
+        rows.copy_(base[:, :, None, :, None] + sub[None, None, :, None, None] * step)
+        rows.add_(sub * inside[:, :, None, :, None])
+        valid[:, j].view(batch, height, scale, width, scale).copy_(
+            inside[:, :, None, :, None].expand(-1, -1, scale, -1, scale)
+        )
     if divisor == "constant":
-        scale = torch.full((valid.size(0),), 1.0 / CONSTANT_OVERLAP, device=device)
+        weight = torch.full((pixels,), 1.0 / CONSTANT_OVERLAP, device=device)
     else:
-        scale = 1.0 / valid.sum(1).to(torch.float32)  # 1 / overlap_count
-    return row_index, valid, scale
+        weight = 1.0 / valid.sum(1).to(torch.float32)  # 1 / overlap_count
+    return row_index, valid, weight
 
 
 def level_table(references: Sequence[Tensor]) -> Tensor:
@@ -314,7 +318,7 @@ def fast_transfer(
 
 
 class FastSearchTransfer(nn.Module):
-    """Drop-in :class:`ttsr.model.search_transfer.SearchTransfer`: same result, fast, bounded memory.
+    """Drop-in for :class:`~ttsr.model.search_transfer.SearchTransfer`: same result, fast, bounded.
 
     Args:
         divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).
@@ -336,6 +340,24 @@ class FastSearchTransfer(nn.Module):
         self.divisor: Divisor = divisor
         self.screening: Screening = screening
         self.step_elements = step_elements
+
+    #: Working memory per LR query, per reference position and per search worker, in bytes:
+    #: padded float32 and bfloat16 pixel tables, the relu1_1 transfer plan and gather weights,
+    #: the channels-last copy of a reference's relu1_1; measured at CUFED5 size (the returned
+    #: textures, 7 KB per query, are not included) and rounded up about twice.
+    BYTES_PER_QUERY = 3 * 1024
+    BYTES_PER_REFERENCE_POSITION = 6 * 1024
+    BYTES_PER_WORKER = 32 * 2**20
+
+    @classmethod
+    def estimate_peak_bytes(cls, queries: int, reference_positions: int) -> int:
+        """Peak bytes of a forward beyond its inputs and outputs (``ttsr.memory`` uses it)."""
+        workers = max(1, torch.get_num_threads())
+        return (
+            cls.BYTES_PER_QUERY * queries
+            + cls.BYTES_PER_REFERENCE_POSITION * reference_positions
+            + cls.BYTES_PER_WORKER * (workers + 1)
+        )
 
     def forward(
         self,
@@ -368,15 +390,22 @@ class FastSearchTransfer(nn.Module):
         workers = worker_count(lrsr_lv3.device)
 
         # Index work (many small operations) runs on single-threaded workers.
-        def plan() -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
-            index = search_best_positions(
+        def search() -> tuple[Tensor, PatchTables]:
+            return search_with_tables(
                 lrsr_lv3, keys, self.screening, step_elements=self.step_elements, workers=workers
             )
-            return index, {s: transfer_plan(index, size, sizes, s, self.divisor) for s in levels}
 
-        index, plans = single_threaded(plan, lrsr_lv3.device)
-        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, *keys)
-        textures = {s: gather_textures(levels[s], plans[s], size, s) for s in levels}
+        index, tables = single_threaded(search, lrsr_lv3.device)
+        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, tables, *keys)
+        del tables
+        textures = {}
+        for scale in (4, 2, 1):  # the largest level first, while little else is held
+            plan = single_threaded(
+                lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor),
+                lrsr_lv3.device,
+            )
+            textures[scale] = gather_textures(levels[scale], plan, size, scale)
+            del plan
         return TransferResult(
             soft_attention=soft_attention.view(batch, 1, height, width),
             t_lv3=textures[1],

@@ -44,8 +44,9 @@ FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 #: Extra margin on the screening bound, for float32 rounding of norms, sums and comparisons.
 SCREENING_SLACK = 1e-4
 #: Relevance entries per step (batch x LR rows x W x reference rows x Wr): with the ring and the
-#: products, a few MB per worker, which stay in the cache.
-DEFAULT_STEP_ELEMENTS = 1 << 19
+#: products, about 20 MB per worker. Fewer make more, smaller steps (Python overhead, more halo
+#: rows); more help little.
+DEFAULT_STEP_ELEMENTS = 1 << 20
 #: Fewest reference rows per chunk: each chunk recomputes 2 halo rows.
 MIN_KEY_ROWS = 8
 #: Rescoring a candidate (two gathers of 9 pixels) costs about as much as this many relevance
@@ -56,7 +57,7 @@ EXACT_ENTRIES_PER_CANDIDATE = 400
 #: Stored candidates per worker beyond which they are pruned to the current thresholds.
 CANDIDATE_STORE_LIMIT = 1 << 22
 #: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
-PAIR_CHUNK = 1 << 12
+PAIR_CHUNK = 1 << 10
 
 Screening = Literal["auto", "bfloat16", "off"]
 
@@ -250,7 +251,7 @@ class PatchTables:
         return batch_index * self.query_pixels + rows * (self.width + 2) + columns
 
     def key_top_left(self, batch_index: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat table row of the top-left pixel of reference patches, and their padded row length."""
+        """Flat table row of reference patches' top-left pixels, and their padded row length."""
         which = torch.searchsorted(self.position_starts, positions, right=True) - 1
         local = positions - self.position_starts[which]
         width = self.key_widths[which]
@@ -343,18 +344,19 @@ def relevance_steps(
         else:
             torch.bmm(pixels, keys_t, out=products)
         shape = (batch, new, width + 2, padded_rows, row_length)
-        sums = products.view(shape)
-        if accumulate != dtype:
-            sums = workspace.get("sums", shape, key_table, accumulate).copy_(sums)
+        products = products.view(shape)
         for i in range(new):
+            sums = products[:, i]
+            if accumulate != dtype:  # one padded row at a time: a small float32 buffer
+                sums = workspace.get("sums", sums.shape, key_table, accumulate).copy_(sums)
             target = ring[(computed + i) % slots]
             # LR pixel x + dx meets reference pixel c + dx.
             torch.add(
-                sums[:, i, :width, :, :key_width],
-                sums[:, i, 1 : width + 1, :, 1 : key_width + 1],
+                sums[:, :width, :, :key_width],
+                sums[:, 1 : width + 1, :, 1 : key_width + 1],
                 out=target,
             )
-            target.add_(sums[:, i, 2 : width + 2, :, 2 : key_width + 2])
+            target.add_(sums[:, 2 : width + 2, :, 2 : key_width + 2])
         computed = needed
         relevance = workspace.get(
             "relevance", (batch, rows, width, rows_here, key_width), key_table, accumulate
@@ -498,7 +500,7 @@ class _ScreenedState:
 
 
 class _Search:
-    """Best reference position of every query patch of a batch; see :func:`search_best_positions`."""
+    """Best reference position of every query patch of a batch (:func:`search_with_tables`)."""
 
     def __init__(
         self,
@@ -593,11 +595,12 @@ class _Search:
 
     def screened(self) -> Tensor:
         """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring."""
-        margin = 2.0 * screening_error_bound(self.tables)
+        self.prepare(torch.bfloat16)
+        assert self.matmul_tables is not None
+        margin = 2.0 * screening_error_bound(self.tables, *self.matmul_tables[:2])
         # A zero query patch has relevance 0 everywhere and no candidate: the first position
         # wins, as in the straightforward search.
         margin = margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
-        self.prepare(torch.bfloat16)
 
         total_positions = sum(h * w for h, w in self.key_sizes)
         row_limit = max(1, self.width * total_positions // EXACT_ENTRIES_PER_CANDIDATE)
@@ -664,7 +667,22 @@ class _Search:
             found[:, span] = exact[:, span]
 
 
-def screening_error_bound(tables: PatchTables) -> Tensor:
+def _rounding_ratio(table: Tensor, rounded: Tensor, norm: Tensor, size: tuple[int, int]) -> Tensor:
+    """``|x - x16| / |x|`` per 3x3 patch of a padded table and its bfloat16 rounding: ``[B, N]``."""
+    squared = torch.empty(table.shape[:2], dtype=table.dtype, device=table.device)
+    for start in range(0, table.size(1), 1 << 14):  # a slice at a time: no full-size temporary
+        rows = slice(start, start + (1 << 14))
+        residual = table[:, rows] - rounded[:, rows].to(table.dtype)
+        squared[:, rows] = torch.linalg.vector_norm(residual, dim=-1).square()
+    squared = squared.view(-1, size[0] + 2, size[1] + 2)
+    rows_sum = squared[:, :-2] + squared[:, 1:-1] + squared[:, 2:]
+    residual_norm = (rows_sum[..., :-2] + rows_sum[..., 1:-1] + rows_sum[..., 2:]).sqrt()
+    return torch.where(norm > 0, residual_norm / norm, 0.0).reshape(table.size(0), -1)
+
+
+def screening_error_bound(
+    tables: PatchTables, rounded_query: Tensor, rounded_keys: Sequence[Tensor]
+) -> Tensor:
     """Bound on |screened - exact| relevance, times the query patch norm: ``[B, N]``.
 
     With ``x = x16 + x_lo`` the bfloat16 rounding of the pixels, per patch
@@ -673,22 +691,19 @@ def screening_error_bound(tables: PatchTables) -> Tensor:
     float32) to bfloat16 adds at most ``(u + gamma_C) (1 + rho_q) (1 + rho_k) |q| |k|``. Screened
     values are divided by ``max(|k|, eps) >= |k|``, so the bound is ``|q|`` times that factor,
     with ``rho_k`` the largest over the batch element's reference patches.
+
+    Args:
+        tables: the float32 pixel tables; rounded_query, rounded_keys: their bfloat16 roundings.
     """
-    batch, _, channels = tables.query_table.shape
-
-    def rounding_ratio(table: Tensor, norm: Tensor, size: tuple[int, int]) -> Tensor:
-        residual = table_patch_norms(table - table.to(torch.bfloat16).to(table.dtype), *size)
-        return torch.where(norm > 0, residual / norm, 0.0).reshape(batch, -1)
-
+    channels = tables.query_table.size(2)
     query_size = (tables.height, tables.width)
-    rho_query = rounding_ratio(
-        tables.query_table, tables.query_norm.view(-1, *query_size), query_size
-    )
+    query_norm = tables.query_norm.view(-1, *query_size)
+    rho_query = _rounding_ratio(tables.query_table, rounded_query, query_norm, query_size)
     rho_key = torch.stack(
         [
-            rounding_ratio(table, norm, size).amax(1)
-            for table, norm, size in zip(
-                tables.key_tables, tables.key_norms, tables.key_sizes, strict=True
+            _rounding_ratio(table, rounded, norm, size).amax(1)
+            for table, rounded, norm, size in zip(
+                tables.key_tables, rounded_keys, tables.key_norms, tables.key_sizes, strict=True
             )
         ]
     ).amax(0)[:, None]
@@ -721,7 +736,7 @@ def step_sizes(
 
 
 @torch.no_grad()
-def search_best_positions(
+def search_with_tables(
     query_lv3: Tensor,
     keys_lv3: Sequence[Tensor],
     screening: Screening = "auto",
@@ -730,7 +745,7 @@ def search_best_positions(
     step_elements: int = DEFAULT_STEP_ELEMENTS,
     workers: int | None = None,
 ) -> Tensor:
-    """Best reference position of every 3x3 query patch (the hard attention), in bounded memory.
+    """Best reference position of every 3x3 query patch, and the inputs' pixel tables.
 
     Args:
         query_lv3: relu3_1 of the upsampled LR, ``[B, C, H, W]``.
@@ -742,7 +757,8 @@ def search_best_positions(
             Working memory is a few times that per worker; the result does not depend on it.
         workers: worker threads (default: the intra-op thread count for CPU tensors).
     Returns:
-        ``[B, H*W]`` int64 indices into the concatenated reference positions.
+        ``[B, H*W]`` int64 indices into the concatenated reference positions, and the float
+        :class:`PatchTables` of the inputs (reusable for their relevance).
     """
     batch, _, height, width = query_lv3.shape
     keys = [k.detach() for k in keys_lv3]
@@ -750,10 +766,28 @@ def search_best_positions(
     screen = resolve_screening(screening, query_lv3)
     workers = worker_count(query_lv3.device) if workers is None else workers
 
-    def run() -> Tensor:
+    def run() -> tuple[Tensor, PatchTables]:
         search = _Search(
             query_lv3.detach(), keys, rows_per_step or rows, key_rows_per_chunk or key_rows, workers
         )
-        return search.screened() if screen else search.exact()
+        found = search.screened() if screen else search.exact()
+        return found.view(batch, height * width), search.tables
 
-    return single_threaded(run, query_lv3.device).view(batch, height * width)
+    return single_threaded(run, query_lv3.device)
+
+
+def search_best_positions(
+    query_lv3: Tensor,
+    keys_lv3: Sequence[Tensor],
+    screening: Screening = "auto",
+    rows_per_step: int | None = None,
+    key_rows_per_chunk: int | None = None,
+    step_elements: int = DEFAULT_STEP_ELEMENTS,
+    workers: int | None = None,
+) -> Tensor:
+    """Best reference position of every 3x3 query patch (the hard attention), in bounded memory:
+    ``[B, H*W]`` int64 indices into the concatenated reference positions. Same arguments as
+    :func:`search_with_tables`; the result never depends on the tiling or the screening."""
+    return search_with_tables(
+        query_lv3, keys_lv3, screening, rows_per_step, key_rows_per_chunk, step_elements, workers
+    )[0]

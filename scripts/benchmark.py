@@ -1,0 +1,565 @@
+"""Time and peak memory of TTSR's SearchTransfer and whole model, straightforward against fast.
+
+Every case runs in a fresh Python process (``--case NAME``) so that its peak memory is its own:
+the child reports the resident set before the timed work (inputs, weights and libraries loaded)
+and the peak during it (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; where
+that is not allowed, the child's whole-life peak from ``os.wait4``). "Extra" memory is the peak
+minus the resident set before the timed work.
+
+Run from the repository root::
+
+    python scripts/benchmark.py --out benchmarks/cpu.md      # full run (about 15 minutes)
+    python scripts/benchmark.py --quick                       # small smoke run (about a minute)
+
+Inputs are features of a real stereo pair when ``../shared/data/pairs`` (or ``--images``) has
+one, else of synthetic images. Timings on a shared machine are noisy: compare ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "pairs"
+RELEASED_BLOCKS = (16, 16, 8, 4)
+RELEASED_FEATS = 64
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def rss_bytes(field_name: str) -> int:
+    """``VmRSS`` or ``VmHWM`` of this process, in bytes (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Measurement:
+    """What a case reports: wall and CPU seconds per run, memory before and at peak."""
+
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    rss_before: int = 0
+    peak_rss: int = 0
+    peak_is_own: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(run: Callable[[], object], warmup: int, repeats: int) -> Measurement:
+    """Run ``warmup`` untimed then ``repeats`` timed calls; peak memory covers all of them."""
+    import gc
+
+    gc.collect()
+    result = Measurement(rss_before=rss_bytes("VmRSS"))
+    result.peak_is_own = reset_peak_rss()
+    for _ in range(warmup):
+        run()
+    for _ in range(repeats):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        run()
+        result.seconds.append(time.perf_counter() - start_wall)
+        result.cpu_seconds.append(time.process_time() - start_cpu)
+    result.peak_rss = rss_bytes("VmHWM")
+    return result
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> ``[1, 3, H, W]`` in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+
+
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """PIL bicubic to ``(height, width)``."""
+    return image.resize((size[1], size[0]), Image.BICUBIC)
+
+
+def synthetic_pair(size: tuple[int, int], seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """Two overlapping views of a smooth random scene with edges and texture."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size
+    coarse = torch.rand(1, 3, height // 32 + 2, width // 24 + 3, generator=generator)
+    scene = F.interpolate(coarse, size=(height, width + 48), mode="bicubic", align_corners=False)
+    stripes = torch.sin(torch.arange(width + 48) / 3.0)[None, None, None] * 0.1
+    blocks = torch.rand(1, 1, height // 16 + 1, (width + 48) // 16 + 1, generator=generator) > 0.7
+    blocks = F.interpolate(blocks.float(), scale_factor=16)[..., :height, : width + 48] * 0.3
+    scene = scene + stripes + blocks + 0.02 * torch.randn(scene.shape, generator=generator)
+    scene = scene.clamp(0, 1)
+
+    def image(tensor: torch.Tensor) -> Image.Image:
+        array = (tensor[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+
+    return image(scene[..., :width]), image(scene[..., 48:])
+
+
+def image_pair(images: Path | None) -> tuple[Image.Image, Image.Image, str]:
+    """(left, right) views: a real stereo pair where available, else synthetic."""
+    if images is not None:
+        found = sorted(p for p in images.glob("*.png"))
+        if len(found) >= 2:
+            return Image.open(found[0]), Image.open(found[1]), f"{found[0].name}, {found[1].name}"
+    left, right = synthetic_pair((500, 741))
+    return left, right, "synthetic"
+
+
+@dataclass
+class Sample:
+    """One TTSR input set in [-1, 1] (NCHW): LR, LR-up, HR, reference, reference-down-up."""
+
+    lr: torch.Tensor
+    lrsr: torch.Tensor
+    hr: torch.Tensor
+    ref: torch.Tensor
+    refsr: torch.Tensor
+
+
+def make_samples(
+    left: Image.Image,
+    right: Image.Image,
+    lr_size: tuple[int, int],
+    ref_size: tuple[int, int],
+    batch: int = 1,
+    seed: int = 0,
+) -> Sample:
+    """Crops (random for batches) of the left view as HR and of the right view as reference;
+    views smaller than the crop are enlarged first. LR = bicubic x4 down, as TTSR does."""
+    hr_size = (lr_size[0] * 4, lr_size[1] * 4)
+    generator = torch.Generator().manual_seed(seed)
+
+    def fitted(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        scale = max(size[0] / image.height, size[1] / image.width, 1.0)
+        if scale > 1.0:
+            image = resize(image, (round(image.height * scale), round(image.width * scale)))
+        return image
+
+    left, right = fitted(left, hr_size), fitted(right, ref_size)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("lr", "lrsr", "hr", "ref", "refsr")}
+    for b in range(batch):
+        if batch == 1:
+            y, x = (left.height - hr_size[0]) // 2, (left.width - hr_size[1]) // 2
+            ry, rx = (right.height - ref_size[0]) // 2, (right.width - ref_size[1]) // 2
+        else:
+            y = int(torch.randint(0, left.height - hr_size[0] + 1, (1,), generator=generator))
+            x = int(torch.randint(0, left.width - hr_size[1] + 1, (1,), generator=generator))
+            ry = min(y, right.height - ref_size[0])
+            rx = min(max(0, x - 24), right.width - ref_size[1])
+        del b
+        hr = left.crop((x, y, x + hr_size[1], y + hr_size[0]))
+        ref = right.crop((rx, ry, rx + ref_size[1], ry + ref_size[0]))
+        lr = resize(hr, lr_size)
+        refsr = resize(resize(ref, (ref_size[0] // 4, ref_size[1] // 4)), ref_size)
+        for key, image in (
+            ("lr", lr),
+            ("lrsr", resize(lr, hr_size)),
+            ("hr", hr),
+            ("ref", ref),
+            ("refsr", refsr),
+        ):
+            parts[key].append(to_tensor(image) * 2 - 1)
+    return Sample(**{k: torch.cat(v) for k, v in parts.items()})
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Size:
+    """An input size: LR ``(h, w)``, reference ``(h, w)``, batch."""
+
+    name: str
+    lr: tuple[int, int]
+    ref: tuple[int, int]
+    batch: int = 1
+
+    def relevance_bytes(self) -> int:
+        """The straightforward search's float32 relevance matrix (``B x N x M``)."""
+        queries = self.lr[0] * self.lr[1]
+        positions = (self.ref[0] // 4) * (self.ref[1] // 4)
+        return 4 * self.batch * queries * positions
+
+
+FULL_SIZES = {
+    "cufed5": Size("CUFED5 (LR 88x125, ref 352x500)", (88, 125), (352, 500)),
+    "lr192": Size("LR 192x192, ref 768x768", (192, 192), (768, 768)),
+    "lr256": Size("LR 256x256, ref 1024x1024", (256, 256), (1024, 1024)),
+    "train": Size("batch 9, HR 160x160 (relu3_1 40x40), ref 160x160", (40, 40), (160, 160), 9),
+}
+QUICK_SIZES = {
+    "cufed5": Size("LR 32x40, ref 128x160", (32, 40), (128, 160)),
+    "lr192": Size("LR 48x48, ref 192x192", (48, 48), (192, 192)),
+    "lr256": Size("LR 64x64, ref 256x256", (64, 64), (256, 256)),
+    "train": Size("batch 2, HR 96x96, ref 96x96", (24, 24), (96, 96), 2),
+}
+
+#: The straightforward module is not run where its relevance matrix alone would exceed this.
+STRAIGHTFORWARD_LIMIT_BYTES = 12 * 2**30
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the heap (glibc): large tensors stop paying page faults."""
+    from ttsr.model.cpu_workers import keep_freed_memory as keep
+
+    keep()
+
+
+def build_model(search: str, optimized: bool, quick: bool) -> torch.nn.Module:
+    """The released architecture (or a small one with --quick), same weights for any search."""
+    from ttsr.model.ttsr import TTSR
+
+    torch.manual_seed(0)
+    blocks, feats = ((2, 2, 1, 1), 16) if quick else (RELEASED_BLOCKS, RELEASED_FEATS)
+    model = TTSR(blocks, feats, extractor_init="bundled", search=search)
+    if optimized:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def layout(sample: Sample, optimized: bool) -> Sample:
+    if not optimized:
+        return sample
+    return Sample(
+        **{
+            k: getattr(sample, k).contiguous(memory_format=torch.channels_last)
+            for k in ("lr", "lrsr", "hr", "ref", "refsr")
+        }
+    )
+
+
+def run_case(name: str, args: argparse.Namespace) -> Measurement:
+    """Run one case in this process; ``name`` is ``kind:size:variant``."""
+    kind, size_key, variant = name.split(":")
+    size = (QUICK_SIZES if args.quick else FULL_SIZES)[size_key]
+    left, right, _ = image_pair(args.images)
+    fast = variant in ("fast", "optimized")
+    if variant == "optimized":
+        keep_freed_memory()
+    sample = make_samples(left, right, size.lr, size.ref, size.batch)
+    warmup, repeats = args.warmup, args.repeats
+    if size_key in ("lr192", "lr256"):
+        warmup, repeats = 0, 1
+    if kind in ("search-forward", "search-train"):
+        return search_case(kind, sample, fast, warmup, repeats)
+    model = build_model("fast" if fast else "straightforward", variant == "optimized", args.quick)
+    sample = layout(sample, variant == "optimized")
+    if kind == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad():
+                model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
+
+        return measure(infer, warmup, repeats)
+    if kind == "train":
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            out = model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
+            F.l1_loss(out.sr, sample.hr * 1.0).backward()
+            optimizer.step()
+
+        return measure(step, warmup, repeats)
+    raise ValueError(f"unknown case {name!r}")
+
+
+def search_case(kind: str, sample: Sample, fast: bool, warmup: int, repeats: int) -> Measurement:
+    """SearchTransfer alone on extractor features of the sample."""
+    from ttsr.model.extractor import TextureExtractor
+    from ttsr.model.ttsr import build_search_transfer
+
+    extractor = TextureExtractor("bundled").eval()
+    with torch.no_grad():
+        lrsr_lv3 = extractor((sample.lrsr + 1) / 2)[2]
+        refsr_lv3 = extractor((sample.refsr + 1) / 2)[2]
+        ref_lv1, ref_lv2, ref_lv3 = extractor((sample.ref + 1) / 2)
+    inputs = [lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3]
+    module = build_search_transfer("fast" if fast else "straightforward", "overlap")
+    del extractor
+    if kind == "search-forward":
+
+        def forward() -> None:
+            with torch.no_grad():
+                module(*inputs)
+
+        return measure(forward, warmup, repeats)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+
+    def forward_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        soft_attention, t_lv3, t_lv2, t_lv1 = module(*leaves)
+        loss = soft_attention.sum() + t_lv3.mean() + t_lv2.mean() + t_lv1.mean()
+        loss.backward()
+
+    return measure(forward_backward, warmup, repeats)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``name`` in a fresh process; its measurement plus its whole-life peak RSS."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", name]
+    command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    if args.quick:
+        command.append("--quick")
+    if args.images is not None:
+        command += ["--images", str(args.images)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate()
+    usage = getattr(process, "rusage", None)
+    if process.returncode != 0:
+        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    if usage is not None:
+        result["life_peak_rss"] = usage.ru_maxrss * 1024
+    return result
+
+
+class _WaitingPopen(subprocess.Popen):
+    """Popen that keeps the child's resource usage (``os.wait4``)."""
+
+    def _try_wait(self, wait_flags: int) -> tuple[int, int]:  # type: ignore[override]
+        try:
+            pid, status, usage = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:
+            return self.pid, 0
+        if pid == self.pid:
+            self.rusage = usage
+        return pid, status
+
+
+subprocess.Popen = _WaitingPopen  # type: ignore[misc]
+
+
+@dataclass
+class Row:
+    """One line of the table: a task measured with both implementations."""
+
+    task: str
+    size: str
+    baseline: dict[str, Any] | None
+    fast: dict[str, Any]
+    target: str
+    check: Callable[[float | None, float | None], bool | None]
+    baseline_note: str = ""
+
+
+def seconds(result: dict[str, Any] | None) -> float | None:
+    if not result or "seconds" not in result:
+        return None
+    return min(result["seconds"])
+
+
+def extra_mb(result: dict[str, Any] | None) -> float | None:
+    if not result or "peak_rss" not in result:
+        return None
+    return (result["peak_rss"] - result["rss_before"]) / 2**20
+
+
+def peak_mb(result: dict[str, Any] | None) -> float | None:
+    if not result or "peak_rss" not in result:
+        return None
+    return result["peak_rss"] / 2**20
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def describe(result: dict[str, Any] | None, note: str = "") -> str:
+    if result is None:
+        return note or "-"
+    if "error" in result:
+        return f"error: {result['error']}"
+    times = result["seconds"]
+    median = statistics.median(times)
+    return (
+        f"{fmt(min(times))} s (median {fmt(median)}, cpu {fmt(min(result['cpu_seconds']))}); "
+        f"peak {fmt(peak_mb(result), 0)} MB, +{fmt(extra_mb(result), 0)} MB"
+    )
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def markdown(rows: list[Row], header: list[str]) -> str:
+    lines = header + [
+        "",
+        "| task | size | straightforward / baseline | fast / optimized | speed-up | "
+        "extra memory (fast / straightforward) | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        speed = ratio(seconds(row.baseline), seconds(row.fast))
+        memory = ratio(extra_mb(row.fast), extra_mb(row.baseline))
+        met = row.check(speed, memory)
+        verdict = "-" if met is None else ("yes" if met else "no")
+        lines.append(
+            f"| {row.task} | {row.size} | {describe(row.baseline, row.baseline_note)} | "
+            f"{describe(row.fast)} | {fmt(speed, 1)}x | {fmt(memory, 3)} | {row.target} | "
+            f"{verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--json", type=Path, help="write raw measurements here")
+    parser.add_argument(
+        "--images", type=Path, default=DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else None
+    )
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.case:
+        result = run_case(args.case, args)
+        print(json.dumps(result.__dict__))
+        return 0
+
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    _, _, source = image_pair(args.images)
+    started = time.time()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = child(name, args)
+        print(f"  {describe(results[name])}", file=sys.stderr, flush=True)
+        return results[name]
+
+    rows: list[Row] = []
+    for kind, task, size_key, target, check in (
+        (
+            "search-forward",
+            "SearchTransfer forward",
+            "cufed5",
+            ">= 10x faster, <= 1/5 extra memory",
+            lambda s, m: None if s is None else s >= 10 and m is not None and m <= 0.2,
+        ),
+        (
+            "search-train",
+            "SearchTransfer forward+backward",
+            "train",
+            ">= 5x faster",
+            lambda s, m: None if s is None else s >= 5,
+        ),
+        (
+            "infer",
+            "whole model, inference",
+            "cufed5",
+            ">= 2x faster, <= 1/3 peak memory",
+            lambda s, m: None if s is None else s >= 2 and m is not None and m <= 1 / 3,
+        ),
+        ("infer", "whole model, inference", "lr192", "-", lambda s, m: None),
+        (
+            "train",
+            "whole model, training step (L1, Adam)",
+            "train",
+            ">= 1.3x faster",
+            lambda s, m: None if s is None else s >= 1.3,
+        ),
+    ):
+        variants = (
+            ("straightforward", "fast") if kind.startswith("search") else ("baseline", "optimized")
+        )
+        base = get(f"{kind}:{size_key}:{variants[0]}")
+        fast = get(f"{kind}:{size_key}:{variants[1]}")
+        rows.append(Row(task, sizes[size_key].name, base, fast, target, check))
+
+    largest = sizes["lr256"]
+    fast = get("infer:lr256:optimized")
+    relevance_gb = largest.relevance_bytes() / 2**30
+    note = "-"
+    if largest.relevance_bytes() > STRAIGHTFORWARD_LIMIT_BYTES:
+        note = f"does not fit: its relevance matrix alone is {relevance_gb:.1f} GB"
+        base = None
+    else:
+        base = get("infer:lr256:baseline")
+    rows.append(
+        Row(
+            "whole model, inference",
+            largest.name,
+            base,
+            fast,
+            "completes, <= 4 GB above the model's own memory",
+            lambda s, m, r=fast: None if "error" in r else (extra_mb(r) or 0) <= 4096,
+            baseline_note=note,
+        )
+    )
+
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header = [
+        f"# TTSR CPU benchmark{' (quick)' if args.quick else ''}",
+        "",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
+        f"{(time.time() - started) / 60:.1f} min; load average {load_before:.1f} at the start, "
+        f"{load_after:.1f} at the end (the machine is shared: ratios of one run are what count)",
+        f"- inputs: {source}; extractor: bundled ImageNet VGG19; generator: "
+        f"{'small (2+2+1+1, 16 feats)' if args.quick else 'released size (16+16+8+4, 64 feats)'},"
+        " seeded random weights, the same in both columns",
+        "- straightforward / baseline: `SearchTransfer` as written, NCHW. fast / optimized: "
+        "`FastSearchTransfer`; for the whole model also channels_last and freed memory kept in "
+        "the heap (`ttsr.model.cpu_workers.keep_freed_memory`)",
+        "- times: best of the timed runs (median and CPU seconds beside); memory: peak resident "
+        "set of the case's own process, and how far it rose above the set before the timed work",
+    ]
+    report = markdown(rows, header)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
