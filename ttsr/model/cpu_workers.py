@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 import torch
@@ -131,29 +132,49 @@ def run_items(
     return states
 
 
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread, then restore the caller's count."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def single_threaded(function: Callable[[], Result], device: torch.device) -> Result:
-    """``function()`` on a worker thread with one intra-op thread for CPU work, else inline."""
-    if worker_count(device) <= 1:
+    """``function()`` with one intra-op thread for CPU work (on the calling thread), else as is.
+
+    For loops of many small operations; their memory comes from the caller's arena.
+    """
+    if device.type != "cpu":
         return function()
-    results: list[Result] = []
-    _run_threads([lambda: results.append(function())])
-    return results[0]
+    with one_intra_op_thread():
+        return function()
 
 
 #: glibc ``mallopt`` parameters.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+#: Free memory glibc may keep at the top of its heap before giving it back.
+KEPT_FREE_BYTES = 256 * 2**20
 
 
 def keep_freed_memory() -> bool:
-    """Opt-in, process-wide: glibc serves every allocation from its heap and never trims it.
+    """Opt-in, process-wide: glibc serves every allocation from one shared heap and reuses it.
 
     By default glibc maps each large block (a tensor of a few MB or more) freshly from the OS and
     unmaps it when freed, so every new large tensor pays a page fault per 4 KB page; in a VM
     that is a good part of a convolution's time (measured here: the generator at CUFED5 size
-    runs 13-15% faster). With this, freed memory is reused instead; the peak resident set is
-    about the same, but it is not given back to the OS until the process ends. Results are
-    unchanged. Returns whether it took effect (False where the C library is not glibc).
+    13-15% faster). With this, freed memory is reused: large blocks come from the heap, all
+    threads share one arena (so what one thread frees another reuses), and up to
+    :data:`KEPT_FREE_BYTES` of free memory stay at the top of the heap. Call it before starting
+    threads. Results are unchanged. Returns whether it took effect (False without glibc).
     """
     import ctypes
     import ctypes.util
@@ -164,4 +185,25 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+    global _keeping_freed_memory
+    _keeping_freed_memory = all(bool(mallopt(parameter, value)) for parameter, value in settings)
+    return _keeping_freed_memory
+
+
+_keeping_freed_memory = False
+
+
+def release_free_memory() -> None:
+    """Give the free memory of every thread's arena back to the OS (glibc ``malloc_trim``).
+
+    Worker threads keep what they freed in their own arenas, where the main thread cannot reuse
+    it; after a parallel phase this returns it. Nothing is done after :func:`keep_freed_memory`.
+    """
+    if _keeping_freed_memory:
+        return
+    import ctypes
+    import ctypes.util
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

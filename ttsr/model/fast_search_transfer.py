@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ttsr.model.cpu_workers import single_threaded, worker_count
+from ttsr.model.cpu_workers import release_free_memory, single_threaded, worker_count
 from ttsr.model.patch_correlation import (
     DEFAULT_STEP_ELEMENTS,
     NORM_EPS,
@@ -406,6 +406,7 @@ class FastSearchTransfer(nn.Module):
             )
             textures[scale] = gather_textures(levels[scale], plan, size, scale)
             del plan
+        release_free_memory()  # what the workers freed, for whatever runs next
         return TransferResult(
             soft_attention=soft_attention.view(batch, 1, height, width),
             t_lv3=textures[1],

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttsr.model.cpu_workers import run_items, single_threaded, worker_count
+from ttsr.model.cpu_workers import release_free_memory, run_items, single_threaded, worker_count
 
 #: ``F.normalize``'s epsilon: patch norms below it are clamped, as in the straightforward search.
 NORM_EPS = 1e-12
@@ -591,7 +591,10 @@ class _Search:
         )
         for other in states[1:]:
             states[0].merge(other)
-        return states[0].position.view(-1)
+        position = states[0].position.view(-1)
+        del states
+        release_free_memory()
+        return position
 
     def screened(self) -> Tensor:
         """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring."""
@@ -622,6 +625,8 @@ class _Search:
         crowded_rows = torch.stack([s.crowded_rows for s in states]).any(0)
         for state in states:
             state.crowded_rows = crowded_rows
+            state.workspace = Workspace()
+        release_free_memory()
         found = [s.candidates(threshold) for s in states]
         ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
         counts = torch.bincount(ids, minlength=self.queries)[ids]

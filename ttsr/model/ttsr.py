@@ -188,7 +188,10 @@ class TTSR(nn.Module):
         self, lr: Tensor, lrsr: Tensor, references: ReferenceFeatures
     ) -> TTSROutput:
         """:meth:`forward` with precomputed reference features (no input checks)."""
-        textures = self.transfer_textures(lrsr, references)
+        return self._generate(lr, lrsr, self.transfer_textures(lrsr, references))
+
+    def _generate(self, lr: Tensor, lrsr: Tensor, textures: TransferResult) -> TTSROutput:
+        """The generator on the transferred textures."""
         sr = self.generator(
             lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
         )
@@ -222,4 +225,6 @@ class TTSR(nn.Module):
         refs = [crop_to_multiple_of_4(r) for r in refs]
         refsrs = [crop_to_multiple_of_4(r) for r in refsrs]
         references = self.extract_reference_features(refs, refsrs)
-        return self.forward_with_reference_features(lr, lrsr, references)
+        textures = self.transfer_textures(lrsr, references)
+        del references  # the generator does not need them: free them before its activations
+        return self._generate(lr, lrsr, textures)
