@@ -71,14 +71,16 @@ _POOL = _Pool()
 
 
 def _run_threads(targets: list[Callable[[], None]]) -> None:
-    """Run each target on a pool thread with one intra-op thread and no autograd; re-raise."""
+    """Run each target on a pool thread with one intra-op thread and no autograd (in inference
+    mode if the caller is, so that the caller's inference tensors can be written); re-raise."""
     errors: list[BaseException] = []
     done = threading.Semaphore(0)
+    inference = torch.is_inference_mode_enabled()
 
     def body(target: Callable[[], None]) -> None:
         try:
             torch.set_num_threads(1)
-            with torch.no_grad():
+            with torch.inference_mode() if inference else torch.no_grad():
                 target()
         except BaseException as error:  # re-raised on the calling thread
             errors.append(error)

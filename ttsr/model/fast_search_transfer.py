@@ -76,43 +76,40 @@ class BestPatchRelevance(torch.autograd.Function):
         tables: PatchTables | None,
         *keys: Tensor,
     ) -> Tensor:
-        ctx.save_for_backward(query, index, *keys)
-
-        def run() -> Tensor:
-            known = tables if tables is not None else PatchTables.of(query, keys)
-            return known.relevance(*_pairs(index)).view(index.shape)
-
-        return single_threaded(run, query.device)
+        known = tables if tables is not None else PatchTables.of(query, keys)
+        relevance = single_threaded(
+            lambda: known.relevance(*_pairs(index)).view(index.shape), query.device
+        )
+        ctx.save_for_backward(query, index, relevance, *keys)
+        ctx.tables = known  # the backward gathers from the same tables
+        return relevance
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        query, index, *keys = ctx.saved_tensors
+        query, index, relevance, *keys = ctx.saved_tensors
+        tables: PatchTables = ctx.tables
         wanted_query = ctx.needs_input_grad[0]
         wanted_keys = any(ctx.needs_input_grad[3:])
-
-        def run() -> tuple[Tensor | None, ...]:
-            tables = PatchTables.of(query, keys)
-            grad_query, grad_keys = _relevance_backward(tables, index, grad.contiguous())
-            height, width = query.shape[-2:]
-            key_grads = []
-            start = 0
-            for key, size in zip(keys, tables.key_sizes, strict=True):
-                pixels = (size[0] + 2) * (size[1] + 2)
-                key_grads.append(_unpad(grad_keys[:, start : start + pixels], *size))
-                start += pixels
-                del key
-            return (
-                _unpad(grad_query, height, width) if wanted_query else None,
-                None,
-                None,
-                *(key_grads if wanted_keys else [None] * len(keys)),
-            )
-
-        return single_threaded(run, query.device)
+        grad_query, grad_keys = single_threaded(
+            lambda: _relevance_backward(tables, index, relevance, grad.contiguous()), query.device
+        )
+        key_grads, start = [], 0
+        for size in tables.key_sizes:
+            pixels = (size[0] + 2) * (size[1] + 2)
+            key_grads.append(_unpad(grad_keys[:, start : start + pixels], *size))
+            start += pixels
+        return (
+            _unpad(grad_query, tables.height, tables.width) if wanted_query else None,
+            None,
+            None,
+            *(key_grads if wanted_keys else [None] * len(keys)),
+        )
 
 
-def _relevance_backward(tables: PatchTables, index: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+def _relevance_backward(
+    tables: PatchTables, index: Tensor, relevance: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
     """Gradients of :class:`BestPatchRelevance` on the padded pixel tables: query
     ``[B, (H+2)*(W+2), C]`` and keys ``[B, sum_i (Hr_i+2)*(Wr_i+2), C]`` (batch-major)."""
     batch, _, channels = tables.query_table.shape
@@ -125,7 +122,7 @@ def _relevance_backward(tables: PatchTables, index: Tensor, grad: Tensor) -> tup
     clamped_query, clamped_key = query_norm.clamp_min(NORM_EPS), key_norm.clamp_min(NORM_EPS)
     query_top_left = tables.query_top_left(batch_index, queries)
     key_top_left, key_row_length = tables.key_top_left(batch_index, positions)
-    relevance = tables.relevance(batch_index, queries, positions)
+    relevance = relevance.reshape(-1)
     g = grad.reshape(-1)
     # d S / d q = a k - b_q q and d S / d k = a q - b_k k, per pair.
     cross = g / (clamped_query * clamped_key)
@@ -165,12 +162,8 @@ class TextureGather(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(index, valid, scale)
         ctx.table_rows = table.size(0)
-
-        def run() -> Tensor:
-            weight = valid.to(table.dtype) * scale[:, None].to(table.dtype)
-            return F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)
-
-        return single_threaded(run, table.device)
+        weight = valid.to(table.dtype) * scale[:, None].to(table.dtype)
+        return F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)
 
     @staticmethod
     @once_differentiable
@@ -179,16 +172,12 @@ class TextureGather(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         rows = ctx.table_rows
-
-        def run() -> Tensor:
-            scaled = grad * scale[:, None].to(grad.dtype)
-            # Invalid entries go to an extra row, dropped at the end.
-            grad_table = grad.new_zeros(rows + 1, grad.size(1))
-            for j in range(index.size(1)):
-                grad_table.index_add_(0, torch.where(valid[:, j], index[:, j], rows), scaled)
-            return grad_table[:rows]
-
-        return single_threaded(run, grad.device), None, None, None
+        scaled = grad * scale[:, None].to(grad.dtype)
+        # Invalid entries go to an extra row, dropped at the end.
+        grad_table = grad.new_zeros(rows + 1, grad.size(1))
+        for j in range(index.size(1)):
+            grad_table.index_add_(0, torch.where(valid[:, j], index[:, j], rows), scaled)
+        return grad_table[:rows], None, None, None
 
 
 def transfer_plan(
@@ -205,14 +194,19 @@ def transfer_plan(
     ``((c-da)*s + r, (d-db)*s + t)`` when it lies inside that reference. Its weight is
     ``1 / overlap_count`` (the number of such pixels, "overlap") or ``1 / 9`` ("constant").
 
+    The ``s`` output pixels ``t = 0 .. s-1`` of a block row take ``s`` consecutive reference
+    pixels with the same weight, so the plan works on segments of ``s`` pixels: row
+    ``(b, a*s + r, b')`` of the output, row ``R * Wr + d'`` of the reference (``s`` pixels from
+    ``(R, d'*s)``), both tables seen as ``[pixels / s, s * C]``.
+
     Args:
         index: ``[B, H*W]`` best positions (references concatenated).
         lr_size: ``(H, W)``; reference_sizes: relu3_1 size ``(Hr_i, Wr_i)`` of each reference.
         scale: 1, 2 or 4; the level's reference pixels are ``(s*Hr_i, s*Wr_i)``.
     Returns:
-        For the output pixels (row-major): ``[B*sH*sW, 9]`` rows into the level's table
+        For the output segments (row-major): ``[B*sH*W, 9]`` segment rows of the level's table
         (batch-major, each batch element's references in order, channels last; 0 where
-        invalid), ``[B*sH*sW, 9]`` validity and ``[B*sH*sW]`` weights.
+        invalid), ``[B*sH*W, 9]`` validity and ``[B*sH*W]`` weights.
     """
     if divisor not in ("overlap", "constant"):
         raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
@@ -225,19 +219,20 @@ def transfer_plan(
     position_starts = torch.tensor(starts[:-1], device=device)
     widths = torch.tensor([w for _, w in reference_sizes], device=device)
     heights = torch.tensor([h for h, _ in reference_sizes], device=device)
-    level_pixels = [h * w * scale * scale for h, w in reference_sizes]
+    level_segments = [h * w * scale for h, w in reference_sizes]  # segments of s pixels
     table_offsets = torch.tensor(
-        [sum(level_pixels[:i]) for i in range(len(level_pixels))], device=device
+        [sum(level_segments[:i]) for i in range(len(level_segments))], device=device
     )
-    per_batch = sum(level_pixels)
+    per_batch = sum(level_segments)
 
     grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
-    sub = torch.arange(scale, device=device)
-    pixels = batch * height * scale * width * scale
+    sub_rows = torch.arange(scale, device=device)[None, None, :, None]
+    segments = batch * height * scale * width
     # int32 rows where they fit (half the memory of int64; embedding_bag takes either).
     row_dtype = torch.int32 if batch * per_batch < 2**31 else torch.long
-    row_index = torch.empty(pixels, 9, dtype=row_dtype, device=device)
-    valid = torch.empty(pixels, 9, dtype=torch.bool, device=device)
+    row_index = torch.empty(segments, 9, dtype=row_dtype, device=device)
+    valid = torch.empty(segments, 9, dtype=torch.bool, device=device)
+    batch_offsets = torch.arange(batch, device=device)[:, None, None] * per_batch
     for j, (da, db) in enumerate((da, db) for da in (-1, 0, 1) for db in (-1, 0, 1)):
         neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
         inside_lr = neighbour >= 0
@@ -248,19 +243,15 @@ def transfer_plan(
         c = torch.div(local, ref_width, rounding_mode="floor") - da
         d = local - (c + da) * ref_width - db
         inside = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
-        level_width = ref_width * scale
-        base = torch.arange(batch, device=device)[:, None, None] * per_batch
-        base = (base + table_offsets[which] + c * scale * level_width + d * scale) * inside
-        # [B, H, s, W, s]: sub-pixel (r, t) of block (a, b) is output pixel (a*s+r, b*s+t).
-        rows = row_index[:, j].view(batch, height, scale, width, scale)
-        step = (level_width * inside)[:, :, None, :, None]
-        rows.copy_(base[:, :, None, :, None] + sub[None, None, :, None, None] * step)
-        rows.add_(sub * inside[:, :, None, :, None])
-        valid[:, j].view(batch, height, scale, width, scale).copy_(
-            inside[:, :, None, :, None].expand(-1, -1, scale, -1, scale)
+        base = (batch_offsets + table_offsets[which] + c * scale * ref_width + d) * inside
+        # [B, H, s, W]: block row r of block (a, b) is output segment (a*s + r, b).
+        rows = row_index[:, j].view(batch, height, scale, width)
+        rows.copy_(base[:, :, None] + sub_rows * (ref_width * inside)[:, :, None])
+        valid[:, j].view(batch, height, scale, width).copy_(
+            inside[:, :, None].expand(-1, -1, scale, -1)
         )
     if divisor == "constant":
-        weight = torch.full((pixels,), 1.0 / CONSTANT_OVERLAP, device=device)
+        weight = torch.full((segments,), 1.0 / CONSTANT_OVERLAP, device=device)
     else:
         weight = 1.0 / valid.sum(1).to(torch.float32)  # 1 / overlap_count
     return row_index, valid, weight
@@ -297,7 +288,8 @@ def gather_textures(
     The result is in ``torch.channels_last`` memory format (the gather's natural layout).
     """
     batch, channels = references[0].shape[:2]
-    out = TextureGather.apply(level_table(references), *plan)
+    segments = level_table(references).view(-1, scale * channels)
+    out = TextureGather.apply(segments, *plan)
     height, width = lr_size[0] * scale, lr_size[1] * scale
     return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
 

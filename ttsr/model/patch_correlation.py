@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ttsr.model.cpu_workers import release_free_memory, run_items, single_threaded, worker_count
@@ -54,6 +53,10 @@ MIN_KEY_ROWS = 8
 #: than ``W * M / EXACT_ENTRIES_PER_CANDIDATE`` in all is searched again exactly instead
 #: (flat, near-identical regions; or random features, where every cosine is alike).
 EXACT_ENTRIES_PER_CANDIDATE = 400
+#: Work items per worker thread, so that the workers finish at about the same time.
+ITEMS_PER_WORKER = 2
+#: Fewest LR rows per work item (each item recomputes 2 halo rows).
+MIN_ROWS_PER_ITEM = 8
 #: Stored candidates per worker beyond which they are pruned to the current thresholds.
 CANDIDATE_STORE_LIMIT = 1 << 22
 #: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
@@ -90,9 +93,12 @@ def resolve_screening(screening: Screening, query: Tensor) -> bool:
 
 def padded_pixel_table(features: Tensor) -> Tensor:
     """Zero-pad by one pixel, channels last: ``[B, C, H, W]`` -> ``[B, (H+2) * (W+2), C]``."""
-    batch, channels = features.shape[:2]
-    padded = F.pad(features, (1, 1, 1, 1))
-    return padded.permute(0, 2, 3, 1).contiguous().view(batch, -1, channels)
+    batch, channels, height, width = features.shape
+    table = features.new_empty(batch, height + 2, width + 2, channels)
+    for border in (table[:, 0], table[:, -1], table[:, 1:-1, 0], table[:, 1:-1, -1]):
+        border.zero_()
+    table[:, 1:-1, 1:-1].copy_(features.permute(0, 2, 3, 1))  # one pass, any memory format
+    return table.view(batch, -1, channels)
 
 
 def table_patch_norms(table: Tensor, height: int, width: int) -> Tensor:
@@ -503,37 +509,43 @@ class _Search:
     """Best reference position of every query patch of a batch (:func:`search_with_tables`)."""
 
     def __init__(
-        self,
-        query: Tensor,
-        keys: Sequence[Tensor],
-        rows_per_step: int,
-        key_rows_per_chunk: int,
-        workers: int,
+        self, tables: PatchTables, rows_per_step: int, key_rows_per_chunk: int, workers: int
     ) -> None:
-        self.batch, _, self.height, self.width = query.shape
-        self.key_sizes = [(k.size(2), k.size(3)) for k in keys]
+        self.batch = tables.query_table.size(0)
+        self.height, self.width = tables.height, tables.width
+        self.key_sizes = tables.key_sizes
         self.queries = self.batch * self.height * self.width
         self.rows_per_step, self.key_rows_per_chunk = rows_per_step, key_rows_per_chunk
         self.workers = workers
-        self.device = query.device
-        self.tables = PatchTables.of(query, keys)  # in the input dtype
+        self.device = tables.query_table.device
+        self.tables = tables  # in the input dtype
         self.query_norm = self.tables.query_norm.reshape(-1)  # [B * N]
         self.inverse_key_norms = [n.clamp_min(NORM_EPS).reciprocal() for n in self.tables.key_norms]
         self.matmul_tables: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
 
     def items(self, row_range: tuple[int, int]) -> list[_Item]:
-        """Chunks of reference rows; batch groups too when there are few chunks per worker."""
+        """Chunks of reference rows, split further by batch elements, then by LR rows, until
+        there are :data:`ITEMS_PER_WORKER` items per worker (so that the workers end together;
+        each LR split recomputes 2 halo rows)."""
         chunks = [
             (i, (start, min(start + self.key_rows_per_chunk, height)))
             for i, (height, _) in enumerate(self.key_sizes)
             for start in range(0, height, self.key_rows_per_chunk)
         ]
-        groups = min(self.batch, -(-2 * self.workers // len(chunks))) if self.workers > 1 else 1
-        bounds = [round(g * self.batch / groups) for g in range(groups + 1)]
+        wanted = ITEMS_PER_WORKER * self.workers if self.workers > 1 else 1
+        groups = min(self.batch, -(-wanted // len(chunks)))
+        first, stop = row_range
+        most_parts = max(1, (stop - first) // MIN_ROWS_PER_ITEM)
+        parts = min(most_parts, -(-wanted // (len(chunks) * groups)))
+        batch_bounds = [round(g * self.batch / groups) for g in range(groups + 1)]
+        row_bounds = [first + round(p * (stop - first) / parts) for p in range(parts + 1)]
         return [
-            _Item(i, rows, (bounds[g], bounds[g + 1]), row_range)
+            _Item(
+                i, rows, (batch_bounds[g], batch_bounds[g + 1]), (row_bounds[p], row_bounds[p + 1])
+            )
             for i, rows in chunks
             for g in range(groups)
+            for p in range(parts)
         ]
 
     def prepare(self, dtype: torch.dtype) -> None:
@@ -596,14 +608,18 @@ class _Search:
         release_free_memory()
         return position
 
-    def screened(self) -> Tensor:
-        """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring."""
+    def prepare_screening(self) -> Tensor:
+        """bfloat16 tables, and the candidate margin ``[B, N]``: twice the screening bound."""
         self.prepare(torch.bfloat16)
         assert self.matmul_tables is not None
         margin = 2.0 * screening_error_bound(self.tables, *self.matmul_tables[:2])
         # A zero query patch has relevance 0 everywhere and no candidate: the first position
         # wins, as in the straightforward search.
-        margin = margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
+        return margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
+
+    def screened(self, margin: Tensor) -> Tensor:
+        """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring
+        (after :meth:`prepare_screening`, which gives ``margin``)."""
 
         total_positions = sum(h * w for h, w in self.key_sizes)
         row_limit = max(1, self.width * total_positions // EXACT_ENTRIES_PER_CANDIDATE)
@@ -649,7 +665,16 @@ class _Search:
         # Sorted by reference position, the reference rows are gathered nearly in order.
         order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
         ids, positions, batch_index = ids[order], positions[order], batch_index[order]
-        values = self.tables.relevance(batch_index, ids - batch_index * count, positions)
+        parts = max(1, min(self.workers, ids.numel() // PAIR_CHUNK))
+        bounds = [round(p * ids.numel() / parts) for p in range(parts + 1)]
+        values = torch.empty(ids.shape, dtype=self.tables.query_table.dtype, device=self.device)
+
+        def score(part: int, workspace: Workspace) -> None:
+            span = slice(bounds[part], bounds[part + 1])
+            b, n = batch_index[span], ids[span] - batch_index[span] * count
+            values[span] = self.tables.relevance(b, n, positions[span], workspace)
+
+        run_items(range(parts), score, Workspace, self.workers)
         best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
         best.scatter_reduce_(0, ids, values, "amax")
         is_best = values == best[ids]
@@ -771,14 +796,20 @@ def search_with_tables(
     screen = resolve_screening(screening, query_lv3)
     workers = worker_count(query_lv3.device) if workers is None else workers
 
-    def run() -> tuple[Tensor, PatchTables]:
-        search = _Search(
-            query_lv3.detach(), keys, rows_per_step or rows, key_rows_per_chunk or key_rows, workers
-        )
-        found = search.screened() if screen else search.exact()
-        return found.view(batch, height * width), search.tables
-
-    return single_threaded(run, query_lv3.device)
+    # Large one-off operations (tables, norms, conversions) use every intra-op thread; the
+    # loops of small ones run on single-threaded workers.
+    search = _Search(
+        PatchTables.of(query_lv3.detach(), keys),
+        rows_per_step or rows,
+        key_rows_per_chunk or key_rows,
+        workers,
+    )
+    if screen:
+        margin = search.prepare_screening()
+        found = single_threaded(lambda: search.screened(margin), query_lv3.device)
+    else:
+        found = single_threaded(search.exact, query_lv3.device)
+    return found.view(batch, height * width), search.tables
 
 
 def search_best_positions(
