@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ttsr import TTSR
-from ttsr.checkpoints import load_checkpoint, model_config, save_checkpoint
+from ttsr.checkpoints import CheckpointError, load_checkpoint, model_config, save_checkpoint
 from ttsr.model.deformable_transfer import (
     DeformableTransfer,
     build_canvas,
@@ -18,6 +18,7 @@ from ttsr.model.deformable_transfer import (
     plan_taps,
 )
 from ttsr.model.search_transfer import transfer
+from ttsr.model.ttsr import build_search_transfer
 
 CHANNELS = {1: 256, 2: 128, 4: 64}
 
@@ -213,6 +214,51 @@ def test_hard_checkpoints_record_the_transfer_and_older_ones_still_load(tmp_path
     torch.save(content, tmp_path / "older.pt")
     loaded = load_checkpoint(tmp_path / "older.pt")
     assert loaded.transfer == "hard" and loaded.deformable_transfer is None
+
+
+def test_offset_groups_are_recorded_and_restored(tmp_path):
+    model = small_model(transfer="deformable", offset_groups=4)
+    head = model.deformable_transfer.lv1
+    assert head.offset_groups == 4 and head.offset_head[-1].out_channels == 27 * 4
+    assert model_config(model)["offset_groups"] == 4
+    save_checkpoint(model, tmp_path / "groups4.pt")
+    assert load_checkpoint(tmp_path / "groups4.pt").deformable_transfer.lv3.offset_groups == 4
+    content = torch.load(tmp_path / "groups4.pt", weights_only=True)
+    content["config"]["offset_groups"] = 8  # the weights no longer fit: refused, not guessed
+    torch.save(content, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_checkpoint(tmp_path / "mismatch.pt")
+
+
+def test_deformable_model_searches_without_building_hard_textures(monkeypatch):
+    model = small_model(transfer="deformable").eval()
+
+    def no_hard_transfer(*args, **kwargs):
+        raise AssertionError("the deformable model must not build the hard textures")
+
+    monkeypatch.setattr(model.search_transfer, "search_and_transfer", no_hard_transfer)
+    with torch.no_grad():
+        out = model(*model_inputs())
+    assert out.sr.shape == (1, 3, 20, 24) and out.index.shape == (1, 5, 6)
+
+
+def test_search_only_matches_the_search_of_search_and_transfer():
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 8, 5, 7, generator=generator)
+    keys = [
+        torch.randn(2, 8, 4, 6, generator=generator),
+        torch.randn(2, 8, 3, 3, generator=generator),
+    ]
+    levels = [
+        [torch.randn(2, 4, s * k.size(2), s * k.size(3), generator=generator) for k in keys]
+        for s in (4, 2, 1)
+    ]
+    for implementation in ("straightforward", "fast"):
+        module = build_search_transfer(implementation, "overlap")
+        full = module.search_and_transfer(query, keys, *levels)
+        soft_attention, index = module.search_only(query, keys)
+        assert torch.equal(index, full.index)
+        torch.testing.assert_close(soft_attention, full.soft_attention)
 
 
 def test_unknown_transfer_raises():

@@ -5,7 +5,7 @@ A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_onl
     {"format": "ttsr", "version": 1,
      "config": {"num_res_blocks": [16, 16, 8, 4], "n_feats": 64, "res_scale": 1.0,
                 "divisor": "overlap", "use_texture": True, "bicubic_skip": False,
-                "transfer": "hard"},
+                "transfer": "hard", "offset_groups": 8},
      "state_dict": {"generator.*": ..., "extractor.features.*": ...},
      "metadata": {...free text fields: source, training command...}}
 """
@@ -35,7 +35,10 @@ CONFIG_KEYS = (
     "use_texture",
     "bicubic_skip",
     "transfer",
+    "offset_groups",
 )
+#: Config entries added after version 1 files were written, with the value those files imply.
+OPTIONAL_CONFIG_DEFAULTS: dict[str, Any] = {"transfer": "hard", "offset_groups": 8}
 
 
 class CheckpointError(ValueError):
@@ -53,6 +56,7 @@ def model_config(model: TTSR) -> dict[str, Any]:
         "use_texture": model.use_texture,
         "bicubic_skip": generator.bicubic_skip,
         "transfer": model.transfer,
+        "offset_groups": model.offset_groups,
     }
 
 

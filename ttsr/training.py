@@ -30,6 +30,7 @@ from torchvision.utils import make_grid
 
 from ttsr.checkpoints import (
     CONFIG_KEYS,
+    OPTIONAL_CONFIG_DEFAULTS,
     CheckpointError,
     atomic_torch_save,
     load_state_strict,
@@ -115,6 +116,7 @@ class TTSRTraining(L.LightningModule):
         bicubic_skip: bool = False,
         search: str = "straightforward",
         transfer: str = "hard",
+        offset_groups: int = 8,
         rec_weight: float = DEFAULT_WEIGHTS.reconstruction,
         per_weight: float = DEFAULT_WEIGHTS.perceptual,
         tpl_weight: float = DEFAULT_WEIGHTS.transferal,
@@ -152,6 +154,7 @@ class TTSRTraining(L.LightningModule):
             bicubic_skip,
             search,
             transfer,
+            offset_groups,
         )
         if not use_texture or extractor_lr == 0:
             # unused, or frozen by the recipe: keep it out of autograd, DDP and Adam
@@ -349,6 +352,7 @@ def export_weights(
     if not isinstance(content, dict) or "state_dict" not in content:
         raise CheckpointError(f"{lightning_checkpoint} is not a Lightning training checkpoint")
     hparams = content.get("hyper_parameters") or {}
+    hparams = {**OPTIONAL_CONFIG_DEFAULTS, **hparams}
     missing = [k for k in CONFIG_KEYS if k not in hparams]
     if missing:
         raise CheckpointError(

@@ -362,6 +362,30 @@ class FastSearchTransfer(nn.Module):
         result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
         return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
 
+    def search_only(
+        self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
+        (index) ``[B, H, W]``, for transfer heads that sample the references themselves."""
+        batch, _, height, width = lrsr_lv3.shape
+        soft_attention, index = self._search(lrsr_lv3, as_reference_list(refsr_lv3))
+        return soft_attention.view(batch, 1, height, width), index.view(batch, height, width)
+
+    def _search(self, lrsr_lv3: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Flat index ``[B, H*W]`` and its relevance (differentiable, gather/scatter backward)."""
+        workers = worker_count(lrsr_lv3.device)
+
+        # Index work (many small operations) runs on single-threaded workers.
+        def search() -> tuple[Tensor, PatchTables]:
+            return search_with_tables(
+                lrsr_lv3, keys, self.screening, step_elements=self.step_elements, workers=workers
+            )
+
+        index, tables = single_threaded(search, lrsr_lv3.device)
+        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, tables, *keys)
+        del tables
+        return soft_attention, index
+
     def search_and_transfer(
         self,
         lrsr_lv3: Tensor,
@@ -379,17 +403,8 @@ class FastSearchTransfer(nn.Module):
         sizes = [(k.size(2), k.size(3)) for k in keys]
         for scale, references in levels.items():
             check_level_sizes(references, sizes, scale)
-        workers = worker_count(lrsr_lv3.device)
 
-        # Index work (many small operations) runs on single-threaded workers.
-        def search() -> tuple[Tensor, PatchTables]:
-            return search_with_tables(
-                lrsr_lv3, keys, self.screening, step_elements=self.step_elements, workers=workers
-            )
-
-        index, tables = single_threaded(search, lrsr_lv3.device)
-        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, tables, *keys)
-        del tables
+        soft_attention, index = self._search(lrsr_lv3, keys)
         textures = {}
         for scale in (4, 2, 1):  # the largest level first, while little else is held
             plan = single_threaded(

@@ -157,6 +157,18 @@ class SearchTransfer(nn.Module):
         result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
         return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
 
+    def search_only(
+        self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
+        (index) ``[B, H, W]``, for transfer heads that sample the references themselves."""
+        batch, _, height, width = lrsr_lv3.shape
+        found = search(lrsr_lv3, refsr_lv3)
+        return (
+            found.relevance.view(batch, 1, height, width),
+            found.index.view(batch, height, width),
+        )
+
     def search_and_transfer(
         self,
         lrsr_lv3: Tensor,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -111,6 +111,8 @@ class TTSR(nn.Module):
         transfer: ``"hard"`` (TTSR's copy of the best patches) or ``"deformable"`` (the hard
             search seeds a learned deformable transfer, :mod:`ttsr.model.deformable_transfer`,
             which starts equal to the hard one).
+        offset_groups: offset groups of the deformable transfer (divides 64; unused by
+            ``"hard"``).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class TTSR(nn.Module):
         bicubic_skip: bool = False,
         search: str = "straightforward",
         transfer: str = "hard",
+        offset_groups: int = 8,
     ) -> None:
         super().__init__()
         self.generator = Generator(num_res_blocks, n_feats, res_scale, use_texture, bicubic_skip)
@@ -134,11 +137,12 @@ class TTSR(nn.Module):
         if transfer not in TRANSFER_MODES:
             raise ValueError(f"transfer must be one of {TRANSFER_MODES}, not {transfer!r}")
         self.transfer = transfer
+        self.offset_groups = offset_groups
         self.deformable_transfer: nn.Module | None = None
         if transfer == "deformable" and use_texture:
             from ttsr.model.deformable_transfer import DeformableTransfer
 
-            self.deformable_transfer = DeformableTransfer(divisor=divisor)
+            self.deformable_transfer = DeformableTransfer(offset_groups, divisor=divisor)
 
     def set_search(self, implementation: str) -> None:
         """Switch the search/transfer implementation (they hold no weights)."""
@@ -164,17 +168,19 @@ class TTSR(nn.Module):
         :meth:`extract_reference_features`.
         """
         lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
-        result = self.search_transfer.search_and_transfer(
-            lrsr_lv3,
-            references.refsr_lv3,
-            references.ref_lv1,
-            references.ref_lv2,
-            references.ref_lv3,
-        )
         if self.deformable_transfer is None:
-            return result
+            del lrsr_lv1, lrsr_lv2  # the hard transfer needs relu3_1 only
+            return self.search_transfer.search_and_transfer(
+                lrsr_lv3,
+                references.refsr_lv3,
+                references.ref_lv1,
+                references.ref_lv2,
+                references.ref_lv3,
+            )
+        # The head samples the references itself: search only, no hard textures.
+        soft_attention, index = self.search_transfer.search_only(lrsr_lv3, references.refsr_lv3)
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
-            result.index,
+            index,
             lrsr_lv1,
             lrsr_lv2,
             lrsr_lv3,
@@ -182,7 +188,9 @@ class TTSR(nn.Module):
             references.ref_lv2,
             references.ref_lv3,
         )
-        return replace(result, t_lv3=t_lv3, t_lv2=t_lv2, t_lv1=t_lv1)
+        return TransferResult(
+            soft_attention=soft_attention, t_lv3=t_lv3, t_lv2=t_lv2, t_lv1=t_lv1, index=index
+        )
 
     def forward_with_reference_features(
         self, lr: Tensor, lrsr: Tensor, references: ReferenceFeatures
