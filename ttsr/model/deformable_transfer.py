@@ -38,6 +38,10 @@ references are placed side by side on one zero canvas (top-aligned, ``REFERENCE_
 pixels of zeros between them, enough for every hard-transfer target outside a reference to read
 zero), so one convolution serves them all.
 
+The convolution is ``torchvision.ops.deform_conv2d`` on CUDA and, on the CPU, its equal
+:func:`ttsr.model.sampled_deform_conv.sampled_deform_conv2d` (``grid_sample`` per tap; torchvision's
+CPU backward is about 6x slower).
+
 Offset layout of ``torchvision.ops.deform_conv2d`` (pinned by ``tests/test_deform_conventions.py``):
 ``offset[b, 2 * (g * K*K + t) + 0]`` is ``dy`` and ``... + 1`` is ``dx`` for offset group ``g``
 and tap ``t = ky * K + kx`` (row-major over the kernel); ``mask[b, g * K*K + t]``; offset group
@@ -56,6 +60,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from ttsr.model.flow import flow_from_index, upsample_flow, warp
+from ttsr.model.sampled_deform_conv import sampled_deform_conv2d
 from ttsr.model.search_transfer import Divisor, as_reference_list
 
 #: The nine neighbour cells ``(ky, kx)`` in deform_conv2d's tap order (row-major over 3x3).
@@ -216,9 +221,12 @@ def deform_transfer(
         mask = mask * 2.0 * torch.sigmoid(logits)
     offset = offset.expand(batch, groups, 9, 2, out_h, out_w).reshape(batch, -1, out_h, out_w)
     mask = mask.expand(batch, groups, 9, out_h, out_w).reshape(batch, -1, out_h, out_w)
-    out = deform_conv2d(
-        canvas, offset, weight, padding=(pad_h, pad_w), dilation=(dil_h, dil_w), mask=mask
-    )
+    if canvas.is_cuda:  # torchvision's CUDA kernel; on the CPU the grid_sample one is faster
+        out = deform_conv2d(
+            canvas, offset, weight, padding=(pad_h, pad_w), dilation=(dil_h, dil_w), mask=mask
+        )
+    else:
+        out = sampled_deform_conv2d(canvas, offset, weight, mask, (pad_h, pad_w), (dil_h, dil_w))
     return out.to(out_dtype)
 
 
