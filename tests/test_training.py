@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ttsr.checkpoints import load_checkpoint, read_weights_only
-from ttsr.cli.train import main
+from ttsr import TTSR
+from ttsr.checkpoints import load_checkpoint, read_weights_only, save_checkpoint
+from ttsr.cli.train import main, warm_start
 from ttsr.training import TTSRTraining, learning_rate_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -224,3 +225,30 @@ def test_two_process_ddp_on_cpu(workdir):
     )
     assert checkpoint["global_step"] == 3
     assert column(metrics(workdir / "runs" / "ttsr_gan"), "val_lr/psnr")
+
+
+def test_warm_start_of_a_deformable_run_from_hard_weights_keeps_the_head_start(tmp_path):
+    torch.manual_seed(0)
+    hard = TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8)
+    save_checkpoint(hard, tmp_path / "hard.pt")
+    module = TTSRTraining(
+        num_res_blocks=(1, 1, 1, 1),
+        n_feats=8,
+        extractor_init="random",
+        transfer="deformable",
+        per_weight=0,
+        tpl_weight=0,
+        adv_weight=0,
+    )
+    head_start = {k: v.clone() for k, v in module.model.deformable_transfer.state_dict().items()}
+    warm_start(module, str(tmp_path / "hard.pt"))
+    for key, value in hard.state_dict().items():
+        assert torch.equal(module.model.state_dict()[key], value), key
+    for key, value in module.model.deformable_transfer.state_dict().items():
+        assert torch.equal(value, head_start[key]), key
+    lr = torch.rand(1, 3, 6, 5) * 2 - 1
+    lrsr = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    ref = torch.rand(1, 3, 16, 12) * 2 - 1
+    with torch.no_grad():  # the head starts as the hard transfer: same output
+        expected = hard.eval()(lr, lrsr, ref, ref).sr
+        torch.testing.assert_close(module.model.eval()(lr, lrsr, ref, ref).sr, expected)

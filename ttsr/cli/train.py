@@ -100,9 +100,18 @@ class TTSRCLI(LightningCLI):
 
 def warm_start(training: TTSRTraining, path: str) -> None:
     """Copy the weights of the ttsr checkpoint at ``path`` into ``training.model``."""
-    trained = load_checkpoint(path)
-    load_state_strict(training.model, trained.state_dict(), source=path)
-    print(f"{PROG}: weights initialised from {path}", file=sys.stderr)
+    state = load_checkpoint(path).state_dict()
+    head = {
+        k: v for k, v in training.model.state_dict().items() if k.startswith("deformable_transfer.")
+    }
+    note = ""
+    if head and not any(k.startswith("deformable_transfer.") for k in state):
+        # A hard-transfer model seeds a deformable one: the head keeps its initialisation,
+        # which reproduces the hard transfer, so training starts from the trained model's output.
+        state = {**state, **head}
+        note = " (the deformable head starts as the hard transfer)"
+    load_state_strict(training.model, state, source=path)
+    print(f"{PROG}: weights initialised from {path}{note}", file=sys.stderr)
 
 
 class _OneLineParser(argparse.ArgumentParser):
