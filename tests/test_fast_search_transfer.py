@@ -7,6 +7,8 @@ screening and its fallbacks never change the result.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +253,17 @@ def test_inference_mode_with_worker_threads(generator):
         found = FastSearchTransfer().search_and_transfer(query, keys, lv1, lv2, lv3)
     assert torch.equal(found.index, expected.index)
     torch.testing.assert_close(found.t_lv1, expected.t_lv1, **TOLERANCE)
+
+
+@pytest.mark.parametrize("screening", ["off", "bfloat16"])
+def test_worker_threads_keep_nothing_of_a_finished_search(screening):
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 16, 9, 11, generator=generator)
+    keys = [torch.randn(1, 16, 12, 10, generator=generator)]
+    index, tables = patch_correlation.search_with_tables(
+        query, keys, screening, rows_per_step=2, workers=2
+    )
+    released = weakref.ref(tables)
+    del tables
+    assert released() is None  # no pool thread holds the search (and its tables) any more
+    assert index.shape == (1, 99)

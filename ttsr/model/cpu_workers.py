@@ -63,6 +63,9 @@ class _Pool:
             try:
                 task()
             finally:
+                # Drop the finished task now: the loop variable would otherwise keep it, and
+                # every tensor its closure holds (search tables, states), until the next task.
+                del task
                 with self.lock:
                     self.idle += 1
 

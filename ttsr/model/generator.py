@@ -5,7 +5,7 @@ Module and attribute names follow the released ``MainNet`` so that its weights l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,25 @@ def upsample(x: Tensor, factor: int) -> Tensor:
     return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False)
 
 
+def conv_of_parts(conv: nn.Conv2d, parts: Sequence[Tensor | Callable[[], Tensor]]) -> Tensor:
+    """``conv(torch.cat(parts, 1))`` as a sum of convolutions of the parts, without the
+    concatenation; a callable part is built only when its turn comes and freed after it.
+    Equal to the concatenated convolution to float rounding (the sum runs in another order)."""
+    out: Tensor | None = None
+    start = 0
+    for part in parts:
+        x = part() if callable(part) else part
+        channels = x.size(1)
+        weight = conv.weight[:, start : start + channels]
+        y = F.conv2d(x, weight, conv.bias if out is None else None, conv.stride, conv.padding)
+        del x
+        out = y if out is None else out.add_(y)
+        start += channels
+    if out is None or start != conv.in_channels:
+        raise ValueError(f"parts give {start} channels, the convolution takes {conv.in_channels}")
+    return out
+
+
 class ResBlock(nn.Module):
     """conv-ReLU-conv with an identity skip: ``x + res_scale * body(x)``."""
 
@@ -41,6 +60,9 @@ class ResBlock(nn.Module):
         self.conv2 = conv3x3(n_feats, n_feats)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # same values, no temporaries beyond the body
+            body = self.conv2(self.relu(self.conv1(x)))
+            return (body if self.res_scale == 1 else body.mul_(self.res_scale)).add_(x)
         return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
 
 
@@ -85,6 +107,12 @@ class CSFI2(nn.Module):
         out2 = F.relu(self.conv_merge2(torch.cat((x2, x12), dim=1)))
         return out1, out2
 
+    def lean(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` for inference: no concatenations, branches freed as used."""
+        out1 = F.relu_(conv_of_parts(self.conv_merge1, [x1, lambda: F.relu_(self.conv21(x2))]))
+        x12 = lambda: F.relu_(upsample(self.conv12(x1), 2))  # noqa: E731
+        return out1, F.relu_(conv_of_parts(self.conv_merge2, [x2, x12]))
+
 
 class CSFI3(nn.Module):
     """Cross-scale feature integration of the x1, x2 and x4 streams."""
@@ -114,6 +142,30 @@ class CSFI3(nn.Module):
         out3 = F.relu(self.conv_merge3(torch.cat((x3, x13, x23), dim=1)))
         return out1, out2, out3
 
+    def lean(self, x1: Tensor, x2: Tensor, x3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` for inference: no concatenations, branches freed as used."""
+        out1 = conv_of_parts(
+            self.conv_merge1,
+            [
+                x1,
+                lambda: F.relu_(self.conv21(x2)),
+                lambda: F.relu_(self.conv31_2(F.relu_(self.conv31_1(x3)))),
+            ],
+        )
+        out2 = conv_of_parts(
+            self.conv_merge2,
+            [x2, lambda: F.relu_(upsample(self.conv12(x1), 2)), lambda: F.relu_(self.conv32(x3))],
+        )
+        out3 = conv_of_parts(
+            self.conv_merge3,
+            [
+                x3,
+                lambda: F.relu_(upsample(self.conv13(x1), 4)),
+                lambda: F.relu_(upsample(self.conv23(x2), 2)),
+            ],
+        )
+        return F.relu_(out1), F.relu_(out2), F.relu_(out3)
+
 
 class MergeTail(nn.Module):
     """Merge the three streams at x4 and map to RGB in [-1, 1]."""
@@ -132,6 +184,19 @@ class MergeTail(nn.Module):
         x = F.relu(self.conv_merge(torch.cat((x3, x13, x23), dim=1)))
         x = self.conv_tail2(self.conv_tail1(x))
         return torch.clamp(x if skip is None else x + skip, -1, 1)
+
+    def lean(self, x1: Tensor, x2: Tensor, x3: Tensor, skip: Tensor | None = None) -> Tensor:
+        """:meth:`forward` for inference: no concatenation, branches freed as used."""
+        x = conv_of_parts(
+            self.conv_merge,
+            [
+                x3,
+                lambda: F.relu_(upsample(self.conv13(x1), 4)),
+                lambda: F.relu_(upsample(self.conv23(x2), 2)),
+            ],
+        )
+        x = self.conv_tail2(self.conv_tail1(F.relu_(x)))
+        return (x if skip is None else x.add_(skip)).clamp_(-1, 1)
 
 
 class Generator(nn.Module):
@@ -220,6 +285,8 @@ class Generator(nn.Module):
             raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
         if self.bicubic_skip and lrsr is None:
             raise ValueError("this generator adds the bicubic image: pass lrsr")
+        if not torch.is_grad_enabled():
+            return self._forward_lean(lr, soft_attention, t_lv3, t_lv2, t_lv1, lrsr)
         x11 = self.SFE(lr)
         if self.use_texture:
             x11 = self._fuse(x11, t_lv3, soft_attention, self.conv11_head)
@@ -242,3 +309,50 @@ class Generator(nn.Module):
         x32 = x32 + self.conv32_tail(run_blocks(self.RB32, x32_res))
         x33 = x33 + self.conv33_tail(run_blocks(self.RB33, x33_res))
         return self.merge_tail(x31, x32, x33, lrsr if self.bicubic_skip else None)
+
+    def _forward_lean(
+        self,
+        lr: Tensor,
+        soft_attention: Tensor | None,
+        t_lv3: Tensor | None,
+        t_lv2: Tensor | None,
+        t_lv1: Tensor | None,
+        lrsr: Tensor | None,
+    ) -> Tensor:
+        """:meth:`forward` without autograd, in less memory and time: convolutions of
+        concatenations as sums of per-part convolutions, 1x1 convolutions before the bicubic
+        upsampling instead of after (both are linear and bicubic weights sum to one, so they
+        commute; the 1x1 then runs on 4 or 16 times fewer pixels), in-place activations and
+        additions, every intermediate freed once used. Equal to :meth:`forward` to float
+        rounding."""
+        texture = self.use_texture
+
+        def fuse(x: Tensor, t: Tensor | None, scale: int, head: nn.Module) -> Tensor:
+            attention = soft_attention if scale == 1 else upsample(soft_attention, scale)
+            return conv_of_parts(head, [x, t]).mul_(attention).add_(x)
+
+        x11 = self.SFE(lr)
+        if texture:
+            x11 = fuse(x11, t_lv3, 1, self.conv11_head)
+        x11 = self.conv11_tail(run_blocks(self.RB11, x11)).add_(x11)
+
+        x22 = F.relu_(self.ps12(self.conv12(x11)))
+        if texture:
+            x22 = fuse(x22, t_lv2, 2, self.conv22_head)
+        x21_res, x22_res = self.ex12.lean(x11, x22)
+        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res)).add_(x11)
+        del x11, x21_res
+        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res)).add_(x22)
+        del x22_res
+
+        x33 = F.relu_(self.ps23(self.conv23(x22)))
+        if texture:
+            x33 = fuse(x33, t_lv1, 4, self.conv33_head)
+        x31_res, x32_res, x33_res = self.ex123.lean(x21, x22, x33)
+        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res)).add_(x21)
+        del x21, x31_res
+        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res)).add_(x22)
+        del x22, x32_res
+        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res)).add_(x33)
+        del x33_res
+        return self.merge_tail.lean(x31, x32, x33, lrsr if self.bicubic_skip else None)

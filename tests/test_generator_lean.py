@@ -1,0 +1,69 @@
+"""The generator's inference path (no autograd: fewer, freed intermediates) against its training
+path: the same function to float rounding, in every configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ttsr.model.generator import Generator, conv_of_parts
+
+
+def inputs(generator: torch.Generator, size=(7, 9)):
+    height, width = size
+    lr = torch.rand(2, 3, height, width, generator=generator) * 2 - 1
+    attention = torch.rand(2, 1, height, width, generator=generator)
+    textures = [
+        torch.randn(2, channels, scale * height, scale * width, generator=generator)
+        for channels, scale in ((256, 1), (128, 2), (64, 4))
+    ]
+    lrsr = torch.rand(2, 3, 4 * height, 4 * width, generator=generator) * 2 - 1
+    return lr, attention, *textures, lrsr
+
+
+@pytest.mark.parametrize("use_texture", [True, False])
+@pytest.mark.parametrize("bicubic_skip", [True, False])
+@pytest.mark.parametrize("res_scale", [1.0, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_path_equals_the_training_path(
+    use_texture, bicubic_skip, res_scale, channels_last
+):
+    torch.manual_seed(0)
+    model = Generator((2, 2, 1, 1), 16, res_scale, use_texture, bicubic_skip).eval()
+    lr, attention, t_lv3, t_lv2, t_lv1, lrsr = inputs(torch.Generator().manual_seed(1))
+    if not use_texture:
+        attention = t_lv3 = t_lv2 = t_lv1 = None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        lr = lr.contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():  # the training path (autograd records it)
+        expected = model(lr, attention, t_lv3, t_lv2, t_lv1, lrsr)
+    assert expected.requires_grad
+    with torch.no_grad():
+        lean = model(lr, attention, t_lv3, t_lv2, t_lv1, lrsr)
+    assert not lean.requires_grad
+    torch.testing.assert_close(lean, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert lean.abs().max() <= 1  # clamped like the training path
+
+
+def test_inputs_are_not_modified_by_the_in_place_inference_path():
+    torch.manual_seed(0)
+    model = Generator((1, 1, 1, 1), 8, 1.0, True, True).eval()
+    arguments = inputs(torch.Generator().manual_seed(2), size=(5, 6))
+    copies = [a.clone() for a in arguments]
+    with torch.no_grad():
+        model(*arguments)
+    for argument, copy in zip(arguments, copies, strict=True):
+        assert torch.equal(argument, copy)
+
+
+def test_convolution_of_parts_equals_convolution_of_the_concatenation():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 5, 3, padding=1)
+    parts = [torch.randn(1, c, 6, 7) for c in (4, 3, 5)]
+    expected = conv(torch.cat(parts, 1))
+    got = conv_of_parts(conv, [parts[0], lambda: parts[1], parts[2]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        conv_of_parts(conv, parts[:2])
