@@ -67,3 +67,15 @@ def test_convolution_of_parts_equals_convolution_of_the_concatenation():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         conv_of_parts(conv, parts[:2])
+
+
+def test_lean_path_can_be_switched_off_for_measurements():
+    torch.manual_seed(0)
+    model = Generator((1, 1, 1, 1), 8, 1.0, True, True).eval()
+    arguments = inputs(torch.Generator().manual_seed(3), size=(4, 5))
+    with torch.enable_grad():
+        expected = model(*arguments).detach()
+    model.lean_inference = False
+    assert not any(block.lean_inference for block in model.SFE.RBs)
+    with torch.no_grad():
+        assert torch.equal(model(*arguments), expected)  # the very same operations

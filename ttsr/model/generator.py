@@ -58,9 +58,13 @@ class ResBlock(nn.Module):
         self.conv1 = conv3x3(n_feats, n_feats)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(n_feats, n_feats)
+        #: Under no_grad, compute in place (same values, fewer temporaries).
+        self.lean_inference = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():  # same values, no temporaries beyond the body
+        if (
+            self.lean_inference and not torch.is_grad_enabled()
+        ):  # same values, no temporaries beyond the body
             body = self.conv2(self.relu(self.conv1(x)))
             return (body if self.res_scale == 1 else body.mul_(self.res_scale)).add_(x)
         return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
@@ -260,6 +264,20 @@ class Generator(nn.Module):
         self.conv33_tail = conv3x3(n_feats, n_feats)
 
         self.merge_tail = MergeTail(n_feats)
+        self.lean_inference = True
+
+    @property
+    def lean_inference(self) -> bool:
+        """Whether forward under no_grad takes the lean path (:meth:`_forward_lean`); on by
+        default, off only to measure against the plain one (``scripts/benchmark.py``)."""
+        return self._lean_inference
+
+    @lean_inference.setter
+    def lean_inference(self, enabled: bool) -> None:
+        self._lean_inference = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                module.lean_inference = bool(enabled)
 
     @staticmethod
     def _fuse(x: Tensor, texture: Tensor, attention: Tensor, head: nn.Conv2d) -> Tensor:
@@ -285,7 +303,7 @@ class Generator(nn.Module):
             raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
         if self.bicubic_skip and lrsr is None:
             raise ValueError("this generator adds the bicubic image: pass lrsr")
-        if not torch.is_grad_enabled():
+        if self.lean_inference and not torch.is_grad_enabled():
             return self._forward_lean(lr, soft_attention, t_lv3, t_lv2, t_lv1, lrsr)
         x11 = self.SFE(lr)
         if self.use_texture:
