@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,11 +26,16 @@ from ttsr.inference import Upscaler
 SETS = ("set5", "set14", "bsd100", "kodak24")
 
 
-def table_rows(data: Path, sets: list[str], limit: int | None) -> list[tuple[str, list[EvalItem]]]:
+MODES = {"lr": "LR as reference", "hr": "HR as reference"}
+
+
+def table_rows(
+    data: Path, sets: list[str], limit: int | None, modes: Sequence[str] = tuple(MODES)
+) -> list[tuple[str, list[EvalItem]]]:
     """(row label, items) for every set x reference mode, then the stereo pair."""
     rows = []
     for name in sets:
-        for mode, label in (("lr", "LR as reference"), ("hr", "HR as reference")):
+        for mode, label in ((m, MODES[m]) for m in modes):
             every = folder_items(data / "val" / name, mode)
             items = every[:limit]
             suffix = f" (first {len(items)})" if len(items) < len(every) else ""
@@ -46,6 +52,13 @@ def main() -> int:
     parser.add_argument("--data", default="../shared/data", help="the shared data folder")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=list(MODES),
+        help="reference modes of the set rows: lr (LR as its own reference), hr (HR as reference)",
+    )
     parser.add_argument("--out", default="results/validation", help="output folder")
     parser.add_argument("--max-memory", default=None, help="memory budget, e.g. 6GB")
     args = parser.parse_args()
@@ -56,7 +69,9 @@ def main() -> int:
     ]
     records = []
     started = time.time()
-    for label, items in tqdm(table_rows(Path(args.data), args.sets, args.limit), file=sys.stderr):
+    for label, items in tqdm(
+        table_rows(Path(args.data), args.sets, args.limit, args.modes), file=sys.stderr
+    ):
         mean = evaluate(items, upscaler).mean()
         data, reference = label.split(", ", 1)
         gain = mean["ttsr_psnr"] - mean["bicubic_psnr"]

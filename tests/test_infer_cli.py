@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from inference_helpers import call, files_in, save_png, textured, write_tiny_checkpoint
 from PIL import Image
@@ -142,3 +143,23 @@ def test_installed_console_script(tmp_path, pair, checkpoint) -> None:
     )
     assert broken.returncode == 2
     assert broken.stderr.startswith("ttsr-infer: error:") and "Traceback" not in broken.stderr
+
+
+def test_flow_export_of_a_reference_that_is_the_hr_image_is_zero(tmp_path, checkpoint, capsys):
+    """With the HR as reference, Ref-down-up equals LR-up exactly, so every LR position matches
+    itself: the exported flow is zero and the matches are the output patch centres."""
+    hr_image = Image.open(save_png(textured(32, 40, seed=4), tmp_path / "hr.png"))
+    lr = tmp_path / "lr.png"
+    hr_image.resize((10, 8), Image.Resampling.BICUBIC).save(lr)
+    out = tmp_path / "sr.png"
+    argv = ["--lr", lr, "--ref", tmp_path / "hr.png", "--out", out, "--checkpoint", checkpoint]
+    code, _, err = call(infer.main, argv + ["--save-flow"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "sr_flow.npz") as archive:
+        flow, reference_id = archive["flow"], archive["reference_id"]
+        match_x, match_y = archive["match_x"], archive["match_y"]
+        assert archive["reference_sizes"].tolist() == [[32, 40]]
+    assert flow.shape == (2, 8, 10) and reference_id.shape == (8, 10)
+    assert np.abs(flow).max() == 0 and not reference_id.any()
+    np.testing.assert_array_equal(match_x[0], np.arange(10) * 4 + 1.5)
+    np.testing.assert_array_equal(match_y[:, 0], np.arange(8) * 4 + 1.5)

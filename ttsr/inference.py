@@ -162,6 +162,22 @@ class UpscaleResult:
             raise InputError("this model does not use references: no attention to show")
         return self.correspondence
 
+    def flow_fields(self) -> dict[str, np.ndarray]:
+        """The correspondence as arrays at LR resolution: ``flow`` ``[2, H, W]`` (dx, dy) in
+        output pixels from each LR position's 4x4 output patch centre to its match,
+        ``reference_id``, ``match_x``, ``match_y`` (match centres in reference pixels) and
+        ``reference_sizes`` ``[R, 2]``."""
+        found = self._require_texture()
+        return {
+            "flow": np.stack([found.displacement[..., 1], found.displacement[..., 0]]).astype(
+                np.float32
+            ),
+            "reference_id": found.reference_id.astype(np.int16),
+            "match_x": found.x.astype(np.float32),
+            "match_y": found.y.astype(np.float32),
+            "reference_sizes": np.asarray(found.reference_sizes, dtype=np.int32),
+        }
+
     def attention_map(self) -> Image.Image:
         """Soft-attention heat map at the SR size."""
         self._require_texture()

@@ -10,6 +10,7 @@ ttsr-infer --demo --out demo_sr.png                       # the example pair shi
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ttsr.cli.common import (
@@ -34,6 +36,7 @@ from ttsr.imaging import (
     list_images,
     match_references,
     save_image,
+    write_atomic,
 )
 from ttsr.inference import UpscaleResult
 from ttsr.memory import format_size
@@ -46,7 +49,10 @@ EXTRAS = {
     "save_attention": "attention",
     "save_correspondence": "correspondence",
     "save_comparison": "comparison",
+    "save_flow": "flow",
 }
+#: Extras that are not images, by kind: their file extension.
+DATA_EXTRAS = {"flow": ".npz"}
 
 
 def demo_paths() -> tuple[Path, Path]:
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     extras.add_argument(
         "--save-comparison", action="store_true", help="bicubic | TTSR | reference side by side"
     )
+    extras.add_argument(
+        "--save-flow",
+        action="store_true",
+        help="the correspondence as a flow field, NAME_flow.npz: 'flow' [2, H, W] (dx, dy) in "
+        "output pixels from each LR position's 4x4 output patch to its match, 'reference_id', "
+        "'match_x', 'match_y' (centres in reference pixels), 'reference_sizes'",
+    )
     add_model_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -119,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def extra_outputs(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Requested extra output files of one SR output, by kind."""
     return {
-        kind: out.with_name(f"{out.stem}_{kind}{out.suffix}")
+        kind: out.with_name(f"{out.stem}_{kind}{DATA_EXTRAS.get(kind, out.suffix)}")
         for option, kind in EXTRAS.items()
         if getattr(args, option)
     }
@@ -190,17 +203,30 @@ def save_outputs(result: UpscaleResult, job: Job, extras: dict[str, Path]) -> No
         "comparison": result.comparison,
     }
     for kind, path in extras.items():
-        save_image(render[kind](), path)
+        if kind == "flow":
+            write_atomic(path, flow_archive(result))
+        else:
+            save_image(render[kind](), path)
+
+
+def flow_archive(result: UpscaleResult) -> bytes:
+    """The ``.npz`` bytes of ``--save-flow`` (see its help)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **result.flow_fields())
+    return buffer.getvalue()
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Check everything that can be checked cheaply, then upscale every job."""
     jobs = plan_jobs(args, parser)
     for job in jobs:
-        for path in (job.out, *extra_outputs(job.out, args).values()):
-            check_writable(path)
+        check_writable(job.out)
+        for kind, path in extra_outputs(job.out, args).items():
+            check_writable(path, image=kind not in DATA_EXTRAS)
     upscaler = build_upscaler(args)
-    if not upscaler.model.use_texture and (args.save_attention or args.save_correspondence):
+    if not upscaler.model.use_texture and (
+        args.save_attention or args.save_correspondence or args.save_flow
+    ):
         raise InputError("this checkpoint's model uses no references: it has no attention to save")
     plans = [upscaler.check_sizes(job.lr, job.refs) for job in jobs]
     total_tiles = sum(len(p.tiles) for p in plans)
