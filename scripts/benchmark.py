@@ -284,8 +284,8 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
         model.eval()
 
         def infer() -> None:
-            with torch.no_grad():
-                model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
+            with torch.no_grad():  # what the Upscaler asks for: no texture maps in the output
+                model(sample.lr, sample.lrsr, sample.ref, sample.refsr, keep_textures=not fast)
 
         return measure(infer, warmup, repeats)
     if kind == "train":

@@ -79,3 +79,35 @@ def test_lean_path_can_be_switched_off_for_measurements():
     assert not any(block.lean_inference for block in model.SFE.RBs)
     with torch.no_grad():
         assert torch.equal(model(*arguments), expected)  # the very same operations
+
+
+def test_model_inference_without_texture_maps_gives_the_same_image():
+    from ttsr import TTSR
+
+    torch.manual_seed(0)
+    model = TTSR((1, 1, 1, 1), 8, bicubic_skip=True).eval()
+    generator = torch.Generator().manual_seed(4)
+    lr = torch.rand(1, 3, 6, 7, generator=generator) * 2 - 1
+    lrsr = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    ref = torch.rand(1, 3, 20, 16, generator=generator) * 2 - 1
+    with torch.no_grad():
+        kept = model(lr, lrsr, ref, ref)
+        consumed = model(lr, lrsr, ref, ref, keep_textures=False)
+    assert torch.equal(consumed.sr, kept.sr)
+    assert torch.equal(consumed.index, kept.index)
+    assert consumed.t_lv1 is None and kept.t_lv1 is not None
+    trained = model(lr, lrsr, ref, ref, keep_textures=False)  # autograd on: textures kept
+    assert trained.t_lv1 is not None and trained.sr.requires_grad
+
+
+def test_consuming_forward_takes_the_textures_and_refuses_autograd():
+    torch.manual_seed(0)
+    model = Generator((1, 1, 1, 1), 8, 1.0, True, False).eval()
+    lr, attention, t_lv3, t_lv2, t_lv1, _ = inputs(torch.Generator().manual_seed(5), size=(4, 4))
+    maps = {"t_lv3": t_lv3, "t_lv2": t_lv2, "t_lv1": t_lv1}
+    with torch.no_grad():
+        expected = model(lr, attention, t_lv3, t_lv2, t_lv1)
+        assert torch.equal(model.forward_consuming(lr, attention, maps), expected)
+    assert maps == {}
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.forward_consuming(lr, attention, {"t_lv3": t_lv3, "t_lv2": t_lv2, "t_lv1": t_lv1})

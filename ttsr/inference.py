@@ -455,7 +455,9 @@ class Upscaler:
             rows, cols = tile.core_in_padded
             core = (slice(tile.core[0], tile.core[1]), slice(tile.core[2], tile.core[3]))
             if features is not None:
-                output = self.model.forward_with_reference_features(lr_tile, lrsr_tile, features)
+                output = self.model.forward_with_reference_features(
+                    lr_tile, lrsr_tile, features, keep_textures=False
+                )
                 tile_sr = output.sr
                 assert output.soft_attention is not None and output.index is not None
                 attention[core] = output.soft_attention[0, 0, rows, cols].float().cpu().numpy()

@@ -62,21 +62,32 @@ class ResBlock(nn.Module):
         self.lean_inference = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            self.lean_inference and not torch.is_grad_enabled()
-        ):  # same values, no temporaries beyond the body
-            body = self.conv2(self.relu(self.conv1(x)))
-            return (body if self.res_scale == 1 else body.mul_(self.res_scale)).add_(x)
+        if self.lean_inference and not torch.is_grad_enabled():
+            return self._body(x).add_(x)  # same values, no temporaries beyond the body
         return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
+
+    def _body(self, x: Tensor) -> Tensor:
+        body = self.conv2(self.relu(self.conv1(x)))
+        return body if self.res_scale == 1 else body.mul_(self.res_scale)
+
+    def add_in_place(self, x: Tensor) -> Tensor:
+        """``x += res_scale * body(x)``, overwriting ``x`` (inference; the caller gives it up)."""
+        return x.add_(self._body(x))
 
 
 def res_blocks(count: int, n_feats: int, res_scale: float) -> nn.ModuleList:
     return nn.ModuleList(ResBlock(n_feats, res_scale) for _ in range(count))
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor) -> Tensor:
-    for block in blocks:
-        x = block(x)
+def run_blocks(blocks: nn.ModuleList, x: Tensor, consume: bool = False) -> Tensor:
+    """The residual blocks in turn. Under no_grad (lean inference) every block after the first
+    adds into its input in place, and the first too when ``consume`` (the caller gives ``x`` up)."""
+    lean = not torch.is_grad_enabled()
+    for position, block in enumerate(blocks):
+        if lean and block.lean_inference and (consume or position > 0):
+            x = block.add_in_place(x)
+        else:
+            x = block(x)
     return x
 
 
@@ -304,7 +315,8 @@ class Generator(nn.Module):
         if self.bicubic_skip and lrsr is None:
             raise ValueError("this generator adds the bicubic image: pass lrsr")
         if self.lean_inference and not torch.is_grad_enabled():
-            return self._forward_lean(lr, soft_attention, t_lv3, t_lv2, t_lv1, lrsr)
+            textures = {"t_lv3": t_lv3, "t_lv2": t_lv2, "t_lv1": t_lv1}
+            return self._forward_lean(lr, soft_attention, textures, lrsr)
         x11 = self.SFE(lr)
         if self.use_texture:
             x11 = self._fuse(x11, t_lv3, soft_attention, self.conv11_head)
@@ -328,13 +340,34 @@ class Generator(nn.Module):
         x33 = x33 + self.conv33_tail(run_blocks(self.RB33, x33_res))
         return self.merge_tail(x31, x32, x33, lrsr if self.bicubic_skip else None)
 
+    def forward_consuming(
+        self,
+        lr: Tensor,
+        soft_attention: Tensor | None = None,
+        textures: dict[str, Tensor | None] | None = None,
+        lrsr: Tensor | None = None,
+    ) -> Tensor:
+        """Inference (no autograd) that takes ``t_lv3``, ``t_lv2``, ``t_lv1`` out of ``textures``
+        as it fuses them: a caller that keeps no other reference frees each texture map as soon
+        as it is used (the x4 map ``t_lv1`` is as large as a feature map of the x4 stage).
+        Otherwise as :meth:`forward`."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("forward_consuming is for inference: call it under torch.no_grad()")
+        textures = {} if textures is None else textures
+        if self.use_texture and (
+            soft_attention is None
+            or any(textures.get(k) is None for k in ("t_lv3", "t_lv2", "t_lv1"))
+        ):
+            raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
+        if self.bicubic_skip and lrsr is None:
+            raise ValueError("this generator adds the bicubic image: pass lrsr")
+        return self._forward_lean(lr, soft_attention, textures, lrsr)
+
     def _forward_lean(
         self,
         lr: Tensor,
         soft_attention: Tensor | None,
-        t_lv3: Tensor | None,
-        t_lv2: Tensor | None,
-        t_lv1: Tensor | None,
+        textures: dict[str, Tensor | None],
         lrsr: Tensor | None,
     ) -> Tensor:
         """:meth:`forward` without autograd, in less memory and time: convolutions of
@@ -345,32 +378,32 @@ class Generator(nn.Module):
         rounding."""
         texture = self.use_texture
 
-        def fuse(x: Tensor, t: Tensor | None, scale: int, head: nn.Module) -> Tensor:
+        def fuse(x: Tensor, level: str, scale: int, head: nn.Module) -> Tensor:
             attention = soft_attention if scale == 1 else upsample(soft_attention, scale)
-            return conv_of_parts(head, [x, t]).mul_(attention).add_(x)
+            return conv_of_parts(head, [x, textures.pop(level)]).mul_(attention).add_(x)
 
         x11 = self.SFE(lr)
         if texture:
-            x11 = fuse(x11, t_lv3, 1, self.conv11_head)
+            x11 = fuse(x11, "t_lv3", 1, self.conv11_head)
         x11 = self.conv11_tail(run_blocks(self.RB11, x11)).add_(x11)
 
         x22 = F.relu_(self.ps12(self.conv12(x11)))
         if texture:
-            x22 = fuse(x22, t_lv2, 2, self.conv22_head)
+            x22 = fuse(x22, "t_lv2", 2, self.conv22_head)
         x21_res, x22_res = self.ex12.lean(x11, x22)
-        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res)).add_(x11)
+        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res, consume=True)).add_(x11)
         del x11, x21_res
-        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res)).add_(x22)
+        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res, consume=True)).add_(x22)
         del x22_res
 
         x33 = F.relu_(self.ps23(self.conv23(x22)))
         if texture:
-            x33 = fuse(x33, t_lv1, 4, self.conv33_head)
+            x33 = fuse(x33, "t_lv1", 4, self.conv33_head)
         x31_res, x32_res, x33_res = self.ex123.lean(x21, x22, x33)
-        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res)).add_(x21)
+        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res, consume=True)).add_(x21)
         del x21, x31_res
-        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res)).add_(x22)
+        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res, consume=True)).add_(x22)
         del x22, x32_res
-        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res)).add_(x33)
+        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res, consume=True)).add_(x33)
         del x33_res
         return self.merge_tail.lean(x31, x32, x33, lrsr if self.bicubic_skip else None)

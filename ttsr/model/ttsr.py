@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from ttsr.model.extractor import TextureExtractor
@@ -193,13 +194,35 @@ class TTSR(nn.Module):
         )
 
     def forward_with_reference_features(
-        self, lr: Tensor, lrsr: Tensor, references: ReferenceFeatures
+        self,
+        lr: Tensor,
+        lrsr: Tensor,
+        references: ReferenceFeatures,
+        keep_textures: bool = True,
     ) -> TTSROutput:
         """:meth:`forward` with precomputed reference features (no input checks)."""
-        return self._generate(lr, lrsr, self.transfer_textures(lrsr, references))
+        handed_over = [self.transfer_textures(lrsr, references)]
+        return self._generate(lr, lrsr, handed_over, keep_textures)
 
-    def _generate(self, lr: Tensor, lrsr: Tensor, textures: TransferResult) -> TTSROutput:
-        """The generator on the transferred textures."""
+    def _generate(
+        self, lr: Tensor, lrsr: Tensor, handed_over: list[TransferResult], keep_textures: bool
+    ) -> TTSROutput:
+        """The generator on the transferred textures, taken out of ``handed_over`` (a one-item
+        list the caller no longer reads, so that this frame holds the only reference)."""
+        textures = handed_over.pop()
+        lean = not torch.is_grad_enabled() and self.generator.lean_inference
+        if not keep_textures and lean:
+            # Inference without the texture maps in the output: the generator frees each map
+            # once fused (t_lv1 is as large as an x4 feature map).
+            attention, index = textures.soft_attention, textures.index
+            maps: dict[str, Tensor | None] = {
+                "t_lv3": textures.t_lv3,
+                "t_lv2": textures.t_lv2,
+                "t_lv1": textures.t_lv1,
+            }
+            del textures
+            sr = self.generator.forward_consuming(lr, attention, maps, lrsr)
+            return TTSROutput(sr=sr, soft_attention=attention, index=index)
         sr = self.generator(
             lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
         )
@@ -218,12 +241,15 @@ class TTSR(nn.Module):
         lrsr: Tensor,
         ref: Tensor | Sequence[Tensor],
         refsr: Tensor | Sequence[Tensor],
+        keep_textures: bool = True,
     ) -> TTSROutput:
         """Super-resolve ``lr`` ``[B, 3, H, W]`` (in [-1, 1]) with one or several references.
 
         ``lrsr`` is ``lr`` bicubic-upsampled x4; ``ref`` the reference(s) and ``refsr`` each
         reference bicubic-downsampled x4 and upsampled back. References of any size at least 4x4
         are accepted; sides that are not multiples of 4 are cropped at the bottom/right.
+        ``keep_textures=False`` (honoured under ``torch.no_grad()``) leaves ``t_lv*`` out of the
+        output so that each texture map is freed once the generator has fused it.
         """
         refs = [ref] if isinstance(ref, Tensor) else list(ref)
         refsrs = [refsr] if isinstance(refsr, Tensor) else list(refsr)
@@ -233,6 +259,6 @@ class TTSR(nn.Module):
         refs = [crop_to_multiple_of_4(r) for r in refs]
         refsrs = [crop_to_multiple_of_4(r) for r in refsrs]
         references = self.extract_reference_features(refs, refsrs)
-        textures = self.transfer_textures(lrsr, references)
+        handed_over = [self.transfer_textures(lrsr, references)]
         del references  # the generator does not need them: free them before its activations
-        return self._generate(lr, lrsr, textures)
+        return self._generate(lr, lrsr, handed_over, keep_textures)
