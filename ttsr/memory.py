@@ -38,9 +38,12 @@ LRUP_EXTRACTION_BYTES_PER_LR_PIXEL = 17 * 1024
 TEXTURE_BYTES_PER_LR_PIXEL = (256 + 128 * 4 + 64 * 16 + 1) * 4
 
 #: Generator activations per LR pixel, in x4-resolution feature maps of ``n_feats`` channels, plus
-#: a constant number of x4 channels (the texture concatenation): measured ~13.2 maps + 70 channels.
-GENERATOR_MAPS_PER_FEATURE = 16.0
-GENERATOR_EXTRA_CHANNELS = 96
+#: a constant number of x4 channels. The Upscaler runs the generator's lean inference path (no
+#: concatenations, in place, texture maps freed once fused): with the released block counts its
+#: peak grows by 4.5 maps of 64 channels per LR pixel between LR 128x128 and 192x192 (5.1-6.0 maps
+#: per pixel overall, a constant included; the plain path took ~13.2 maps + 70 channels).
+GENERATOR_MAPS_PER_FEATURE = 6.0
+GENERATOR_EXTRA_CHANNELS = 32
 
 #: Straightforward search: unfolded, concatenated and normalised reference keys (2304 floats per
 #: reference position, twice), normalised queries, and the ``[M, N]`` relevance matrix.
