@@ -186,6 +186,7 @@ def transfer_plan(
     reference_sizes: Sequence[tuple[int, int]],
     scale: int,
     divisor: Divisor,
+    neighbours: Neighbours | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Which reference pixels, with which weights, make each output pixel of one level.
 
@@ -203,6 +204,7 @@ def transfer_plan(
         index: ``[B, H*W]`` best positions (references concatenated).
         lr_size: ``(H, W)``; reference_sizes: relu3_1 size ``(Hr_i, Wr_i)`` of each reference.
         scale: 1, 2 or 4; the level's reference pixels are ``(s*Hr_i, s*Wr_i)``.
+        neighbours: :func:`plan_neighbours` of the same inputs, when already computed.
     Returns:
         For the output segments (row-major): ``[B*sH*W, 9]`` segment rows of the level's table
         (batch-major, each batch element's references in order, channels last; 0 where
@@ -210,22 +212,17 @@ def transfer_plan(
     """
     if divisor not in ("overlap", "constant"):
         raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
+    if neighbours is None:
+        neighbours = plan_neighbours(index, lr_size, reference_sizes)
     batch = index.size(0)
     height, width = lr_size
     device = index.device
-    starts = [0]
-    for h, w in reference_sizes:
-        starts.append(starts[-1] + h * w)
-    position_starts = torch.tensor(starts[:-1], device=device)
     widths = torch.tensor([w for _, w in reference_sizes], device=device)
-    heights = torch.tensor([h for h, _ in reference_sizes], device=device)
     level_segments = [h * w * scale for h, w in reference_sizes]  # segments of s pixels
     table_offsets = torch.tensor(
         [sum(level_segments[:i]) for i in range(len(level_segments))], device=device
     )
     per_batch = sum(level_segments)
-
-    grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
     sub_rows = torch.arange(scale, device=device)[None, None, :, None]
     segments = batch * height * scale * width
     # int32 rows where they fit (half the memory of int64; embedding_bag takes either).
@@ -233,16 +230,8 @@ def transfer_plan(
     row_index = torch.empty(segments, 9, dtype=row_dtype, device=device)
     valid = torch.empty(segments, 9, dtype=torch.bool, device=device)
     batch_offsets = torch.arange(batch, device=device)[:, None, None] * per_batch
-    for j, (da, db) in enumerate((da, db) for da in (-1, 0, 1) for db in (-1, 0, 1)):
-        neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
-        inside_lr = neighbour >= 0
-        position = neighbour.clamp_min(0)
-        which = torch.searchsorted(position_starts, position, right=True) - 1
-        local = position - position_starts[which]
+    for j, (which, c, d, inside) in enumerate(neighbours):
         ref_width = widths[which]
-        c = torch.div(local, ref_width, rounding_mode="floor") - da
-        d = local - (c + da) * ref_width - db
-        inside = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
         base = (batch_offsets + table_offsets[which] + c * scale * ref_width + d) * inside
         # [B, H, s, W]: block row r of block (a, b) is output segment (a*s + r, b).
         rows = row_index[:, j].view(batch, height, scale, width)
@@ -255,6 +244,43 @@ def transfer_plan(
     else:
         weight = 1.0 / valid.sum(1).to(torch.float32)  # 1 / overlap_count
     return row_index, valid, weight
+
+
+#: Per neighbour ``(da, db)`` of a query: which reference, patch row ``c`` and column ``d`` of
+#: the reference pixel block it contributes, and whether it lies inside (all ``[B, H, W]``).
+Neighbours = list[tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def plan_neighbours(
+    index: Tensor, lr_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
+) -> Neighbours:
+    """The part of :func:`transfer_plan` that does not depend on the level: computed once for
+    the three levels. For each of the 9 neighbours ``(da, db)`` (row-major), the reference
+    holding the neighbour's best patch, the block ``(c, d) = match - (da, db)`` it gives this
+    query, and whether that block lies inside the LR grid and the reference."""
+    batch = index.size(0)
+    height, width = lr_size
+    device = index.device
+    starts = [0]
+    for h, w in reference_sizes:
+        starts.append(starts[-1] + h * w)
+    position_starts = torch.tensor(starts[:-1], device=device)
+    widths = torch.tensor([w for _, w in reference_sizes], device=device)
+    heights = torch.tensor([h for h, _ in reference_sizes], device=device)
+    grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
+    neighbours = []
+    for da, db in ((da, db) for da in (-1, 0, 1) for db in (-1, 0, 1)):
+        neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
+        inside_lr = neighbour >= 0
+        position = neighbour.clamp_min(0)
+        which = torch.searchsorted(position_starts, position, right=True) - 1
+        local = position - position_starts[which]
+        ref_width = widths[which]
+        c = torch.div(local, ref_width, rounding_mode="floor") - da
+        d = local - (c + da) * ref_width - db
+        inside = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
+        neighbours.append((which, c, d, inside))
+    return neighbours
 
 
 def level_table(references: Sequence[Tensor]) -> Tensor:
@@ -405,10 +431,11 @@ class FastSearchTransfer(nn.Module):
             check_level_sizes(references, sizes, scale)
 
         soft_attention, index = self._search(lrsr_lv3, keys)
+        neighbours = single_threaded(lambda: plan_neighbours(index, size, sizes), lrsr_lv3.device)
         textures = {}
         for scale in (4, 2, 1):  # the largest level first, while little else is held
             plan = single_threaded(
-                lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor),
+                lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor, neighbours),
                 lrsr_lv3.device,
             )
             textures[scale] = gather_textures(levels[scale], plan, size, scale)
