@@ -347,7 +347,9 @@ def upscale_case(sample: Sample, quick: bool) -> Measurement:
         return Image.fromarray(array)
 
     lr, ref = image(sample.lr), image(sample.ref)
-    upscaler = Upscaler(build_model("fast", False, quick), "cpu", max_memory=UPSCALE_BUDGET)
+    model = build_model("fast", False, quick)
+    model.generator.lean_inference = True  # as ttsr-infer loads it (NCHW, lean inference)
+    upscaler = Upscaler(model, "cpu", max_memory=UPSCALE_BUDGET)
     plan = upscaler.plan((lr.height, lr.width), [(ref.height, ref.width)])
     measurement = measure(lambda: upscaler.upscale(lr, ref), 0, 1)
     measurement.notes.update(
