@@ -334,6 +334,17 @@ def search_case(kind: str, sample: Sample, fast: bool, warmup: int, repeats: int
     return measure(forward_backward, warmup, repeats)
 
 
+#: Rows of the table, for ``--tasks``.
+TASKS = (
+    "search-forward-cufed5",
+    "search-train-train",
+    "infer-cufed5",
+    "infer-lr192",
+    "train-train",
+    "infer-lr256",
+    "upscale-lr256",
+)
+
 #: Memory budget of the ``ttsr-infer`` case (``--max-memory``).
 UPSCALE_BUDGET = 4 * 2**30
 
@@ -497,6 +508,43 @@ def at_most(value: float | None, bound: float) -> bool:
     return value is not None and value <= bound
 
 
+def largest_row(largest: Size, get: Callable[[str], dict[str, Any]]) -> Row:
+    """LR 256 / ref 1024: the fast model alone (the straightforward one does not fit)."""
+    fast = get("infer:lr256:optimized")
+    relevance_gb = largest.relevance_bytes() / 2**30
+    note = "-"
+    if largest.relevance_bytes() > STRAIGHTFORWARD_LIMIT_BYTES:
+        note = f"does not fit: its relevance matrix alone is {relevance_gb:.1f} GB"
+        base = None
+    else:
+        base = get("infer:lr256:baseline")
+    return Row(
+        "whole model, inference",
+        largest.name,
+        base,
+        fast,
+        "completes within 4 GB above the model's own memory",
+        lambda r: at_most(r.fast_extra_mb, 4096),
+        baseline_note=note,
+    )
+
+
+def budget_row(largest: Size, get: Callable[[str], dict[str, Any]]) -> Row:
+    """What ttsr-infer does with a memory budget on LR 256 / ref 1024."""
+    budgeted = get("upscale:lr256:optimized")
+    notes = budgeted.get("notes", {})
+    return Row(
+        f"ttsr-infer (Upscaler, --max-memory {UPSCALE_BUDGET / 2**30:.0f}GiB)",
+        largest.name,
+        None,
+        budgeted,
+        f"the budget holds ({notes.get('tiles', '?')} tiles planned, "
+        f"estimate {notes.get('estimate_mb', 0):.0f} MB)",
+        lambda r: at_most(r.fast_extra_mb, UPSCALE_BUDGET / 2**20),
+        baseline_note="-",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
@@ -507,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        help="measure only these rows (default: all)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -520,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results: dict[str, dict[str, Any]] = {}
+
+    def wanted(task: str) -> bool:
+        return not args.tasks or task in args.tasks
 
     def get(name: str) -> dict[str, Any]:
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -559,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda r: at_least(r.speed, 1.3),
         ),
     ):
+        if not wanted(f"{kind}-{size_key}"):
+            continue
         variants = (
             ("straightforward", "fast") if kind.startswith("search") else ("baseline", "optimized")
         )
@@ -567,40 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(Row(task, sizes[size_key].name, base, fast, target, check))
 
     largest = sizes["lr256"]
-    fast = get("infer:lr256:optimized")
-    relevance_gb = largest.relevance_bytes() / 2**30
-    note = "-"
-    if largest.relevance_bytes() > STRAIGHTFORWARD_LIMIT_BYTES:
-        note = f"does not fit: its relevance matrix alone is {relevance_gb:.1f} GB"
-        base = None
-    else:
-        base = get("infer:lr256:baseline")
-    rows.append(
-        Row(
-            "whole model, inference",
-            largest.name,
-            base,
-            fast,
-            "completes within 4 GB above the model's own memory",
-            lambda r: at_most(r.fast_extra_mb, 4096),
-            baseline_note=note,
-        )
-    )
-
-    budgeted = get("upscale:lr256:optimized")
-    notes = budgeted.get("notes", {})
-    rows.append(
-        Row(
-            f"ttsr-infer (Upscaler, --max-memory {UPSCALE_BUDGET / 2**30:.0f}GiB)",
-            largest.name,
-            None,
-            budgeted,
-            f"the budget holds ({notes.get('tiles', '?')} tiles planned, "
-            f"estimate {notes.get('estimate_mb', 0):.0f} MB)",
-            lambda r: at_most(r.fast_extra_mb, UPSCALE_BUDGET / 2**20),
-            baseline_note="-",
-        )
-    )
+    if wanted("infer-lr256"):
+        rows.append(largest_row(largest, get))
+    if wanted("upscale-lr256"):
+        rows.append(budget_row(largest, get))
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = [
