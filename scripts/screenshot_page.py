@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import uvicorn
@@ -44,6 +44,17 @@ CHROMIUM_ARGS = (
 )
 #: What must be on screen once a result is shown.
 RESULT_ELEMENTS = ("#compare", "#compare-slider", "#attention-map", "#correspondence-map")
+
+
+def wait_until(page: Any, predicate: str, timeout_s: float) -> None:
+    """Poll the JavaScript function ``predicate`` until it returns true. (``page.evaluate`` calls
+    it through the DevTools protocol; Playwright's ``wait_for_function`` would ``eval`` it in the
+    page, which the page's Content-Security-Policy forbids.)"""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(predicate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {predicate}")
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -117,7 +128,9 @@ def upscale_in_page(
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"{base_url}/")
-            page.wait_for_function("document.getElementById('limits').textContent !== ''")
+            wait_until(
+                page, "() => document.getElementById('limits').textContent !== ''", timeout_s
+            )
             page.set_input_files("#lr-input", str(lr))
             page.set_input_files("#ref-input", [str(ref) for ref in refs])
             page.click("#upscale-button")
@@ -125,9 +138,11 @@ def upscale_in_page(
             status = page.inner_text("#status-text")
             if page.is_visible("#progress-panel.error"):
                 raise RuntimeError(f"the page reported an error: {status}")
-            page.wait_for_function(
-                "['sr-image', 'bicubic-image', 'attention-map', 'correspondence-map']"
-                ".every((id) => document.getElementById(id).naturalWidth > 0)"
+            wait_until(
+                page,
+                "() => ['sr-image', 'bicubic-image', 'attention-map', 'correspondence-map']"
+                ".every((id) => document.getElementById(id).naturalWidth > 0)",
+                timeout_s,
             )
             visible = {selector: page.is_visible(selector) for selector in RESULT_ELEMENTS}
             with page.expect_download() as download_info:
