@@ -274,6 +274,10 @@ def upscale_jobs(
         started = time.perf_counter()
         trainer.predict(predictor, dataloaders=loader, return_predictions=False)
     done, failed, tiles = predictor.totals
+    if dist.is_available() and dist.is_initialized():
+        # Tear the process group down here: left to the interpreter's exit, gloo's threads can
+        # abort the process ("terminate called without an active exception").
+        dist.destroy_process_group()
     return RunSummary(
         done=done,
         failed=failed,
