@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ttsr.model.cpu_workers import release_free_memory, single_threaded, worker_count
@@ -35,6 +35,7 @@ from ttsr.model.patch_correlation import (
 from ttsr.model.search_transfer import (
     CONSTANT_OVERLAP,
     Divisor,
+    SearchTransfer,
     TransferResult,
     as_reference_list,
 )
@@ -335,8 +336,9 @@ def fast_transfer(
     return gather_textures(references, plan, lr_size, scale)
 
 
-class FastSearchTransfer(nn.Module):
-    """Drop-in for :class:`~ttsr.model.search_transfer.SearchTransfer`: same result, fast, bounded.
+class FastSearchTransfer(SearchTransfer):
+    """Drop-in for :class:`~ttsr.model.search_transfer.SearchTransfer` (its ``forward``, with
+    :meth:`search_only` and :meth:`search_and_transfer` replaced): same result, fast, bounded.
 
     Args:
         divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).
@@ -352,10 +354,7 @@ class FastSearchTransfer(nn.Module):
         screening: Screening = "auto",
         step_elements: int = DEFAULT_STEP_ELEMENTS,
     ) -> None:
-        super().__init__()
-        if divisor not in ("overlap", "constant"):
-            raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
-        self.divisor: Divisor = divisor
+        super().__init__(divisor)
         self.screening: Screening = screening
         self.step_elements = step_elements
 
@@ -376,17 +375,6 @@ class FastSearchTransfer(nn.Module):
             + cls.BYTES_PER_REFERENCE_POSITION * reference_positions
             + cls.BYTES_PER_WORKER * (workers + 1)
         )
-
-    def forward(
-        self,
-        lrsr_lv3: Tensor,
-        refsr_lv3: Tensor | Sequence[Tensor],
-        ref_lv1: Tensor | Sequence[Tensor],
-        ref_lv2: Tensor | Sequence[Tensor],
-        ref_lv3: Tensor | Sequence[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
-        return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
 
     def search_only(
         self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
