@@ -20,10 +20,12 @@ from ttsr.model.fast_search_transfer import (
     FastSearchTransfer,
     TextureGather,
     fast_transfer,
+    level_table,
     transfer_plan,
 )
 from ttsr.model.patch_correlation import (
     PatchTables,
+    ScratchArena,
     Workspace,
     padded_pixel_table,
     patch_norms,
@@ -267,3 +269,64 @@ def test_worker_threads_keep_nothing_of_a_finished_search(screening):
     del tables
     assert released() is None  # no pool thread holds the search (and its tables) any more
     assert index.shape == (1, 99)
+
+
+def test_scratch_arena_hands_out_disjoint_aligned_pieces_and_grows_to_the_largest_phase():
+    arena = ScratchArena()
+    cpu = torch.device("cpu")
+    arena.reset()
+    first = arena.take((3, 5), torch.float32, cpu)  # no buffer yet: served freshly
+    assert first.shape == (3, 5) and first.dtype == torch.float32
+    arena.reset()
+    arena.take((100,), torch.bfloat16, cpu)  # a larger phase, still served freshly
+    arena.reset()  # the next piece comes from a buffer as large as the largest phase seen
+    a = arena.take((7,), torch.float32, cpu)
+    assert arena.buffer is not None and arena.buffer.numel() >= 200
+    b = arena.take((2, 3), torch.bfloat16, cpu)
+    base = arena.buffer.data_ptr()
+    assert a.data_ptr() == base  # from the buffer, not fresh
+    assert b.data_ptr() >= a.data_ptr() + 7 * 4
+    assert b.data_ptr() % ScratchArena.ALIGNMENT == base % ScratchArena.ALIGNMENT
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert bool((a == 1.0).all()) and bool((b == 2.0).all())  # the pieces do not overlap
+    too_big = arena.take((1000,), torch.float32, cpu)  # does not fit: fresh, counted for later
+    assert not (base <= too_big.data_ptr() < base + arena.buffer.numel())
+    arena.reset()
+    arena.take((1,), torch.float32, cpu)
+    assert arena.buffer.numel() >= 4000 + 64
+
+
+def test_inference_reuses_scratch_without_touching_earlier_results(generator):
+    query, keys, lv1, lv2, lv3 = features(generator, 2, 16, (6, 7), [(5, 6), (4, 4)])
+    other = features(generator, 2, 16, (6, 7), [(5, 6), (4, 4)])
+    module = FastSearchTransfer()
+    with torch.no_grad():
+        results = [module.search_and_transfer(query, keys, lv1, lv2, lv3) for _ in range(2)]
+        kept = [t.clone() for t in (results[0].soft_attention, results[0].t_lv1, results[0].t_lv3)]
+        module.search_and_transfer(*other)  # overwrites every scratch buffer
+    expected = SearchTransfer().search_and_transfer(query, keys, lv1, lv2, lv3)
+    for found in results:
+        assert torch.equal(found.index, expected.index)
+        torch.testing.assert_close(found.t_lv1, expected.t_lv1, **TOLERANCE)
+        torch.testing.assert_close(found.t_lv2, expected.t_lv2, **TOLERANCE)
+        torch.testing.assert_close(found.soft_attention, expected.soft_attention, **TOLERANCE)
+    now = (results[0].soft_attention, results[0].t_lv1, results[0].t_lv3)
+    for before, after in zip(kept, now, strict=True):
+        assert torch.equal(before, after)  # outputs never live in the scratch arena
+
+
+def test_level_table_of_a_channels_last_reference_is_a_view(generator):
+    reference = torch.rand(2, 4, 5, 6, generator=generator)
+    last = reference.contiguous(memory_format=torch.channels_last)
+    table = level_table([last])
+    assert table.data_ptr() == last.data_ptr()
+    torch.testing.assert_close(table, level_table([reference]))
+    arena = ScratchArena()
+    for _ in range(2):  # the second call is served from the arena's buffer
+        in_arena = level_table([reference, reference[..., :3]], arena)
+    assert arena.buffer is not None and in_arena.data_ptr() == arena.buffer.data_ptr()
+    expected = torch.cat(
+        [r.permute(0, 2, 3, 1).reshape(2, -1, 4) for r in (reference, reference[..., :3])], 1
+    )
+    torch.testing.assert_close(in_arena, expected.reshape(-1, 4))

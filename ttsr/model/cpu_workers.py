@@ -13,10 +13,13 @@ threads start with), so the caller's count is restored when the workers are done
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from functools import cache
 from typing import TypeVar
 
 import torch
@@ -181,13 +184,9 @@ def keep_freed_memory() -> bool:
     :data:`KEPT_FREE_BYTES` of free memory stay at the top of the heap. Call it before starting
     threads. Results are unchanged. Returns whether it took effect (False without glibc).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
@@ -207,8 +206,16 @@ def release_free_memory() -> None:
     """
     if _keeping_freed_memory:
         return
-    import ctypes
-    import ctypes.util
+    libc = _libc()
+    if libc is not None:
+        with suppress(AttributeError):
+            libc.malloc_trim(0)
 
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs a subprocess)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

@@ -28,9 +28,11 @@ from ttsr.model.patch_correlation import (
     NORM_EPS,
     PATCH_OFFSETS,
     PatchTables,
+    ScratchArena,
     Screening,
     Workspace,
     search_with_tables,
+    thread_arena,
 )
 from ttsr.model.search_transfer import (
     CONSTANT_OVERLAP,
@@ -78,9 +80,8 @@ class BestPatchRelevance(torch.autograd.Function):
         *keys: Tensor,
     ) -> Tensor:
         known = tables if tables is not None else PatchTables.of(query, keys)
-        relevance = single_threaded(
-            lambda: known.relevance(*_pairs(index)).view(index.shape), query.device
-        )
+        workers = worker_count(query.device)
+        relevance = known.relevance_on_workers(*_pairs(index), workers).view(index.shape)
         ctx.save_for_backward(query, index, relevance, *keys)
         ctx.tables = known  # the backward gathers from the same tables
         return relevance
@@ -284,12 +285,30 @@ def plan_neighbours(
     return neighbours
 
 
-def level_table(references: Sequence[Tensor]) -> Tensor:
-    """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``."""
+def level_table(references: Sequence[Tensor], arena: ScratchArena | None = None) -> Tensor:
+    """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``.
+
+    A view where a single reference already is channels-last; else a copy, made in ``arena``
+    if given (after resetting it: valid until its next reset; the gather's backward needs only
+    the table's shape).
+    """
     batch, channels = references[0].shape[:2]
-    tables = [r.permute(0, 2, 3, 1).contiguous().view(batch, -1, channels) for r in references]
-    joined = tables[0] if len(tables) == 1 else torch.cat(tables, 1)
-    return joined.reshape(-1, channels)
+    if len(references) == 1 and references[0].is_contiguous(memory_format=torch.channels_last):
+        return references[0].permute(0, 2, 3, 1).reshape(-1, channels)  # a view
+    pixels = sum(r.size(2) * r.size(3) for r in references)
+    shape = (batch, pixels, channels)
+    if arena is None:
+        table = references[0].new_empty(shape)
+    else:
+        arena.reset()
+        table = arena.take(shape, references[0].dtype, references[0].device)
+    start = 0
+    for reference in references:
+        count = reference.size(2) * reference.size(3)
+        grid = table[:, start : start + count].view(batch, *reference.shape[2:], channels)
+        grid.copy_(reference.permute(0, 2, 3, 1))
+        start += count
+    return table.view(-1, channels)
 
 
 def check_level_sizes(
@@ -309,13 +328,15 @@ def gather_textures(
     plan: tuple[Tensor, Tensor, Tensor],
     lr_size: tuple[int, int],
     scale: int,
+    arena: ScratchArena | None = None,
 ) -> Tensor:
     """Apply a :func:`transfer_plan` to one level's features: ``[B, C, sH, sW]``.
 
     The result is in ``torch.channels_last`` memory format (the gather's natural layout).
+    ``arena``: where to build the channels-last reference table (see :func:`level_table`).
     """
     batch, channels = references[0].shape[:2]
-    segments = level_table(references).view(-1, scale * channels)
+    segments = level_table(references, arena).view(-1, scale * channels)
     out = TextureGather.apply(segments, *plan)
     height, width = lr_size[0] * scale, lr_size[1] * scale
     return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -385,14 +406,28 @@ class FastSearchTransfer(SearchTransfer):
         soft_attention, index = self._search(lrsr_lv3, as_reference_list(refsr_lv3))
         return soft_attention.view(batch, 1, height, width), index.view(batch, height, width)
 
+    @staticmethod
+    def _arena(*inputs: Tensor) -> ScratchArena | None:
+        """This thread's scratch arena where autograd keeps nothing of this call (its search
+        tables and level tables then die with it), else None (fresh memory)."""
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+            return None
+        return thread_arena()
+
     def _search(self, lrsr_lv3: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Flat index ``[B, H*W]`` and its relevance (differentiable, gather/scatter backward)."""
         workers = worker_count(lrsr_lv3.device)
+        arena = self._arena(lrsr_lv3, *keys)
 
         # Index work (many small operations) runs on single-threaded workers.
         def search() -> tuple[Tensor, PatchTables]:
             return search_with_tables(
-                lrsr_lv3, keys, self.screening, step_elements=self.step_elements, workers=workers
+                lrsr_lv3,
+                keys,
+                self.screening,
+                step_elements=self.step_elements,
+                workers=workers,
+                arena=arena,
             )
 
         index, tables = single_threaded(search, lrsr_lv3.device)
@@ -426,7 +461,8 @@ class FastSearchTransfer(SearchTransfer):
                 lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor, neighbours),
                 lrsr_lv3.device,
             )
-            textures[scale] = gather_textures(levels[scale], plan, size, scale)
+            arena = self._arena(*levels[scale])
+            textures[scale] = gather_textures(levels[scale], plan, size, scale, arena)
             del plan
         release_free_memory()  # what the workers freed, for whatever runs next
         return TransferResult(

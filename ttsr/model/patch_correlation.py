@@ -25,6 +25,7 @@ grid of each reference, references concatenated in order (as in ``search_transfe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -60,7 +61,7 @@ MIN_ROWS_PER_ITEM = 8
 #: Stored candidates per worker beyond which they are pruned to the current thresholds.
 CANDIDATE_STORE_LIMIT = 1 << 22
 #: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
-PAIR_CHUNK = 1 << 10
+PAIR_CHUNK = 1 << 8
 
 Screening = Literal["auto", "bfloat16", "off"]
 
@@ -91,10 +92,15 @@ def resolve_screening(screening: Screening, query: Tensor) -> bool:
     return screening == "bfloat16" or bfloat16_screening_available(query.device)
 
 
-def padded_pixel_table(features: Tensor) -> Tensor:
-    """Zero-pad by one pixel, channels last: ``[B, C, H, W]`` -> ``[B, (H+2) * (W+2), C]``."""
+def padded_pixel_table(features: Tensor, arena: ScratchArena | None = None) -> Tensor:
+    """Zero-pad by one pixel, channels last: ``[B, C, H, W]`` -> ``[B, (H+2) * (W+2), C]``
+    (in ``arena`` if given)."""
     batch, channels, height, width = features.shape
-    table = features.new_empty(batch, height + 2, width + 2, channels)
+    shape = (batch, height + 2, width + 2, channels)
+    if arena is None:
+        table = features.new_empty(shape)
+    else:
+        table = arena.take(shape, features.dtype, features.device)
     for border in (table[:, 0], table[:, -1], table[:, 1:-1, 0], table[:, 1:-1, -1]):
         border.zero_()
     table[:, 1:-1, 1:-1].copy_(features.permute(0, 2, 3, 1))  # one pass, any memory format
@@ -123,18 +129,75 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[str, Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Tensor:
         """A contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
         numel = 1
         for size in shape:
             numel *= size
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        key = (name, dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.device != like.device:
             buffer = torch.empty(numel, dtype=dtype, device=like.device)
-            self.buffers[name] = buffer
+            self.buffers[key] = buffer
         return buffer[:numel].view(*shape)
+
+
+class ScratchArena:
+    """Consecutive pieces of one byte buffer, kept between calls (one per thread:
+    :func:`thread_arena`), for large tensors that die before the arena is next reset.
+
+    Fresh large tensors are mapped freshly by the C library and pay a page fault per 4 KB page
+    on first touch (in a VM, a good part of a fast forward's time). The fast SearchTransfer's
+    inference scratch (pixel tables, their bfloat16 copies, then each level's channels-last
+    reference table) lives here: phases that follow each other share the same memory. A request
+    that does not fit is served freshly, and the next :meth:`reset` grows the buffer to the
+    largest phase seen.
+    """
+
+    ALIGNMENT = 64
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+        self.used = 0
+        self.wanted = 0
+        self.largest = 0
+
+    def reset(self) -> None:
+        """Start a phase: every piece handed out before is given back (overwritten next)."""
+        self.largest = max(self.largest, self.wanted)
+        if self.buffer is not None and self.buffer.numel() < self.largest:
+            self.buffer = None  # the old buffer goes before the larger one is made
+        self.used = self.wanted = 0
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of ``shape``, valid until the next :meth:`reset`."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        size = numel * dtype.itemsize
+        size += -size % self.ALIGNMENT
+        self.wanted += size
+        if self.buffer is None and self.largest > 0:
+            self.buffer = torch.empty(self.largest, dtype=torch.uint8, device=device)
+        buffer = self.buffer
+        if buffer is None or buffer.device != device or self.used + size > buffer.numel():
+            return torch.empty(*shape, dtype=dtype, device=device)
+        piece = buffer[self.used : self.used + numel * dtype.itemsize]
+        self.used += size
+        return piece.view(dtype).view(*shape)
+
+
+_THREAD_STATE = threading.local()
+
+
+def thread_arena() -> ScratchArena:
+    """This thread's :class:`ScratchArena`, kept between calls."""
+    arena = getattr(_THREAD_STATE, "arena", None)
+    if arena is None:
+        arena = _THREAD_STATE.arena = ScratchArena()
+    return arena
 
 
 def pixel_windows(pixels: Tensor) -> Tensor:
@@ -226,12 +289,15 @@ class PatchTables:
         del channels
 
     @classmethod
-    def of(cls, query: Tensor, keys: Sequence[Tensor]) -> PatchTables:
-        """Tables of ``query`` ``[B, C, H, W]`` and references, each ``[B, C, Hr, Wr]``."""
+    def of(
+        cls, query: Tensor, keys: Sequence[Tensor], arena: ScratchArena | None = None
+    ) -> PatchTables:
+        """Tables of ``query`` ``[B, C, H, W]`` and references, each ``[B, C, Hr, Wr]`` (in
+        ``arena`` if given: valid until its next reset)."""
         return cls(
-            padded_pixel_table(query),
+            padded_pixel_table(query, arena),
             (query.size(2), query.size(3)),
-            [padded_pixel_table(k) for k in keys],
+            [padded_pixel_table(key, arena) for key in keys],
             [(k.size(2), k.size(3)) for k in keys],
         )
 
@@ -286,6 +352,27 @@ class PatchTables:
         )
         query_norm = self.query_norm[batch_index, queries].clamp_min(NORM_EPS)
         return dot / (query_norm * self.key_norm[batch_index, positions].clamp_min(NORM_EPS))
+
+    def relevance_on_workers(
+        self, batch_index: Tensor, queries: Tensor, positions: Tensor, workers: int
+    ) -> Tensor:
+        """:meth:`relevance` of many pairs, in parts on ``workers`` single-threaded workers."""
+        count = queries.numel()
+        parts = max(1, min(workers, count // PAIR_CHUNK))
+        bounds = [round(p * count / parts) for p in range(parts + 1)]
+        values = self.query_table.new_empty(queries.shape)
+
+        def score(part: int, workspace: Workspace) -> None:
+            span = slice(bounds[part], bounds[part + 1])
+            values[span] = self.relevance(
+                batch_index[span], queries[span], positions[span], workspace
+            )
+
+        if parts == 1:
+            single_threaded(lambda: score(0, Workspace()), values.device)
+        else:
+            run_items(range(parts), score, Workspace, workers)
+        return values
 
 
 def relevance_steps(
@@ -509,8 +596,14 @@ class _Search:
     """Best reference position of every query patch of a batch (:func:`search_with_tables`)."""
 
     def __init__(
-        self, tables: PatchTables, rows_per_step: int, key_rows_per_chunk: int, workers: int
+        self,
+        tables: PatchTables,
+        rows_per_step: int,
+        key_rows_per_chunk: int,
+        workers: int,
+        arena: ScratchArena | None = None,
     ) -> None:
+        self.arena = arena  # for the matmul-dtype tables, if given
         self.batch = tables.query_table.size(0)
         self.height, self.width = tables.height, tables.width
         self.key_sizes = tables.key_sizes
@@ -552,9 +645,15 @@ class _Search:
         """Pixel tables in the matmul dtype, and key scales in the summing dtype."""
         tables = self.tables
         scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+
+        def converted(table: Tensor) -> Tensor:
+            if table.dtype == dtype or self.arena is None:
+                return table.to(dtype)
+            return self.arena.take(table.shape, dtype, table.device).copy_(table)
+
         self.matmul_tables = (
-            tables.query_table.to(dtype),
-            [t.to(dtype) for t in tables.key_tables],
+            converted(tables.query_table),
+            [converted(t) for t in tables.key_tables],
             [s.to(scale_dtype) for s in self.inverse_key_norms],
         )
 
@@ -642,7 +741,7 @@ class _Search:
         for state in states:
             state.crowded_rows = crowded_rows
             state.workspace = Workspace()
-        release_free_memory()
+        release_free_memory()  # the workers' step buffers, before anything else is allocated
         found = [s.candidates(threshold) for s in states]
         ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
         counts = torch.bincount(ids, minlength=self.queries)[ids]
@@ -665,16 +764,9 @@ class _Search:
         # Sorted by reference position, the reference rows are gathered nearly in order.
         order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
         ids, positions, batch_index = ids[order], positions[order], batch_index[order]
-        parts = max(1, min(self.workers, ids.numel() // PAIR_CHUNK))
-        bounds = [round(p * ids.numel() / parts) for p in range(parts + 1)]
-        values = torch.empty(ids.shape, dtype=self.tables.query_table.dtype, device=self.device)
-
-        def score(part: int, workspace: Workspace) -> None:
-            span = slice(bounds[part], bounds[part + 1])
-            b, n = batch_index[span], ids[span] - batch_index[span] * count
-            values[span] = self.tables.relevance(b, n, positions[span], workspace)
-
-        run_items(range(parts), score, Workspace, self.workers)
+        values = self.tables.relevance_on_workers(
+            batch_index, ids - batch_index * count, positions, self.workers
+        )
         best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
         best.scatter_reduce_(0, ids, values, "amax")
         is_best = values == best[ids]
@@ -700,10 +792,14 @@ class _Search:
 def _rounding_ratio(table: Tensor, rounded: Tensor, norm: Tensor, size: tuple[int, int]) -> Tensor:
     """``|x - x16| / |x|`` per 3x3 patch of a padded table and its bfloat16 rounding: ``[B, N]``."""
     squared = torch.empty(table.shape[:2], dtype=table.dtype, device=table.device)
-    for start in range(0, table.size(1), 1 << 14):  # a slice at a time: no full-size temporary
-        rows = slice(start, start + (1 << 14))
-        residual = table[:, rows] - rounded[:, rows].to(table.dtype)
-        squared[:, rows] = torch.linalg.vector_norm(residual, dim=-1).square()
+    step = 1 << 12  # a slice at a time: no full-size temporary
+    workspace = Workspace()
+    for start in range(0, table.size(1), step):
+        rows = slice(start, start + step)
+        part = table[:, rows]
+        residual = workspace.get("residual", part.shape, part, part.dtype)
+        torch.sub(part, rounded[:, rows], out=residual)
+        torch.linalg.vector_norm(residual, dim=-1, out=squared[:, rows]).square_()
     squared = squared.view(-1, size[0] + 2, size[1] + 2)
     rows_sum = squared[:, :-2] + squared[:, 1:-1] + squared[:, 2:]
     residual_norm = (rows_sum[..., :-2] + rows_sum[..., 1:-1] + rows_sum[..., 2:]).sqrt()
@@ -774,7 +870,8 @@ def search_with_tables(
     key_rows_per_chunk: int | None = None,
     step_elements: int = DEFAULT_STEP_ELEMENTS,
     workers: int | None = None,
-) -> Tensor:
+    arena: ScratchArena | None = None,
+) -> tuple[Tensor, PatchTables]:
     """Best reference position of every 3x3 query patch, and the inputs' pixel tables.
 
     Args:
@@ -786,6 +883,9 @@ def search_with_tables(
             chunk); by default chosen for about ``step_elements`` relevance entries per step.
             Working memory is a few times that per worker; the result does not depend on it.
         workers: worker threads (default: the intra-op thread count for CPU tensors).
+        arena: where to build the pixel tables and their matmul-dtype copies (it is reset
+            first): no fresh memory, no page faults; the returned tables are then valid only
+            until the arena's next reset. For callers that drop them before that (inference).
     Returns:
         ``[B, H*W]`` int64 indices into the concatenated reference positions, and the float
         :class:`PatchTables` of the inputs (reusable for their relevance).
@@ -798,11 +898,14 @@ def search_with_tables(
 
     # Large one-off operations (tables, norms, conversions) use every intra-op thread; the
     # loops of small ones run on single-threaded workers.
+    if arena is not None:
+        arena.reset()
     search = _Search(
-        PatchTables.of(query_lv3.detach(), keys),
+        PatchTables.of(query_lv3.detach(), keys, arena),
         rows_per_step or rows,
         key_rows_per_chunk or key_rows,
         workers,
+        arena,
     )
     if screen:
         margin = search.prepare_screening()
