@@ -7,6 +7,7 @@ a note instead. Every bad file is generated here.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from inference_helpers import (
 )
 from PIL import Image
 
+from ttsr.checkpoints import CheckpointError, read_weights_only
 from ttsr.cli import convert, eval, infer
 from ttsr.imaging import OutputError, load_rgb, save_image
 
@@ -236,11 +238,16 @@ def mismatched_ttsr(path: Path, good: Path) -> Path:
     return path
 
 
+def garbage_file(path: Path) -> Path:
+    path.write_bytes(random.Random(1).randbytes(300))
+    return path
+
+
 BAD_CHECKPOINTS = {
     "missing": (lambda d, good: d / "none.pt", "does not exist"),
     "directory": (lambda d, good: d, "is a directory"),
     "corrupt": (
-        lambda d, good: (d / "bad.pt").write_bytes(os.urandom(300)) and d / "bad.pt",
+        lambda d, good: garbage_file(d / "bad.pt"),
         "corrupt",
     ),
     "text file": (
@@ -273,6 +280,18 @@ def test_unusable_checkpoint_is_refused(tmp_path, work, checkpoint, capsys, case
     make, message = BAD_CHECKPOINTS[case]
     argv = infer_args(work, make(tmp_path, checkpoint))
     assert_refused(work, capsys, argv, message)
+
+
+def test_any_garbage_file_is_reported_as_corrupt(tmp_path) -> None:
+    # Random bytes reach different failures inside torch.load (the unpickler, the zip reader,
+    # a UTF-8 decode error): every one must come out as the same clear error.
+    path = tmp_path / "garbage.pt"
+    for seed in range(200):
+        rng = random.Random(seed)
+        prefix = (b"", b"\x80\x02", b"PK\x03\x04")[seed % 3]
+        path.write_bytes(prefix + rng.randbytes(rng.randint(1, 600)))
+        with pytest.raises(CheckpointError, match="corrupt"):
+            read_weights_only(path)
 
 
 # --- the other CLIs -----------------------------------------------------------------------------

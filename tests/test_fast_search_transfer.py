@@ -295,6 +295,11 @@ def test_scratch_arena_hands_out_disjoint_aligned_pieces_and_grows_to_the_larges
     arena.reset()
     arena.take((1,), torch.float32, cpu)
     assert arena.buffer.numel() >= 4000 + 64
+    arena.LIMIT_BYTES = 8000
+    arena.take((3000,), torch.float32, cpu)  # a phase over the limit
+    arena.reset()
+    arena.take((1,), torch.float32, cpu)
+    assert arena.buffer.numel() < 8000  # not kept
 
 
 def test_inference_reuses_scratch_without_touching_earlier_results(generator):

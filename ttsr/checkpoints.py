@@ -98,7 +98,15 @@ def read_weights_only(path: str | Path) -> Any:
             f"checkpoint {path} needs arbitrary code to load (pickled objects), which ttsr refuses "
             "for safety; re-save it as a plain state dict of tensors"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError) as error:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        KeyError,
+        IndexError,
+        ValueError,
+    ) as error:  # ValueError: UnicodeDecodeError on some garbage
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a PyTorch file: {error}"
         ) from error

@@ -153,10 +153,13 @@ class ScratchArena:
     inference scratch (pixel tables, their bfloat16 copies, then each level's channels-last
     reference table) lives here: phases that follow each other share the same memory. A request
     that does not fit is served freshly, and the next :meth:`reset` grows the buffer to the
-    largest phase seen.
+    largest phase seen, up to :attr:`LIMIT_BYTES` (larger phases are always served freshly, so
+    one huge image does not leave a huge buffer behind).
     """
 
     ALIGNMENT = 64
+    #: The most the arena keeps (a CUFED5-size forward needs about 50 MB).
+    LIMIT_BYTES = 256 * 2**20
 
     def __init__(self) -> None:
         self.buffer: Tensor | None = None
@@ -166,7 +169,8 @@ class ScratchArena:
 
     def reset(self) -> None:
         """Start a phase: every piece handed out before is given back (overwritten next)."""
-        self.largest = max(self.largest, self.wanted)
+        if self.wanted <= self.LIMIT_BYTES:
+            self.largest = max(self.largest, self.wanted)
         if self.buffer is not None and self.buffer.numel() < self.largest:
             self.buffer = None  # the old buffer goes before the larger one is made
         self.used = self.wanted = 0
