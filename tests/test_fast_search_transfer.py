@@ -244,6 +244,8 @@ def test_model_with_fast_search_gives_the_same_image(generator):
         expected = model(lr, lrsr, ref, ref.clone())
         model.set_search("fast")
         found = model(lr, lrsr, ref, ref.clone())
+    # The search's scratch is given back before the generator runs (the model's memory peak).
+    assert patch_correlation.thread_arena().buffer is None
     assert torch.equal(found.index, expected.index)
     torch.testing.assert_close(found.sr, expected.sr, **TOLERANCE)
 
@@ -295,6 +297,10 @@ def test_scratch_arena_hands_out_disjoint_aligned_pieces_and_grows_to_the_larges
     arena.reset()
     arena.take((1,), torch.float32, cpu)
     assert arena.buffer.numel() >= 4000 + 64
+    arena.release()
+    assert arena.buffer is None
+    arena.take((1,), torch.float32, cpu)
+    assert arena.buffer.numel() >= 4000 + 64  # the size it learned is kept
     arena.LIMIT_BYTES = 8000
     arena.take((3000,), torch.float32, cpu)  # a phase over the limit
     arena.reset()

@@ -128,8 +128,9 @@ class Workspace:
     Fresh large tensors cost page faults on every allocation; reusing buffers avoids them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, arena: ScratchArena | None = None) -> None:
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.arena = arena  # where buffers come from, if given (valid until its next reset)
 
     def get(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Tensor:
         """A contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
@@ -139,7 +140,10 @@ class Workspace:
         key = (name, dtype)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.device != like.device:
-            buffer = torch.empty(numel, dtype=dtype, device=like.device)
+            if self.arena is None:
+                buffer = torch.empty(numel, dtype=dtype, device=like.device)
+            else:
+                buffer = self.arena.take((numel,), dtype, like.device)
             self.buffers[key] = buffer
         return buffer[:numel].view(*shape)
 
@@ -150,8 +154,8 @@ class ScratchArena:
 
     Fresh large tensors are mapped freshly by the C library and pay a page fault per 4 KB page
     on first touch (in a VM, a good part of a fast forward's time). The fast SearchTransfer's
-    inference scratch (pixel tables, their bfloat16 copies, then each level's channels-last
-    reference table) lives here: phases that follow each other share the same memory. A request
+    inference scratch (pixel tables, their bfloat16 copies and the workers' step buffers,
+    then each level's channels-last reference table) lives here: phases that follow each other share the same memory. A request
     that does not fit is served freshly, and the next :meth:`reset` grows the buffer to the
     largest phase seen, up to :attr:`LIMIT_BYTES` (larger phases are always served freshly, so
     one huge image does not leave a huge buffer behind).
@@ -166,6 +170,7 @@ class ScratchArena:
         self.used = 0
         self.wanted = 0
         self.largest = 0
+        self.lock = threading.Lock()  # the search's workers take pieces concurrently
 
     def reset(self) -> None:
         """Start a phase: every piece handed out before is given back (overwritten next)."""
@@ -175,6 +180,12 @@ class ScratchArena:
             self.buffer = None  # the old buffer goes before the larger one is made
         self.used = self.wanted = 0
 
+    def release(self) -> None:
+        """Give the buffer back (every piece handed out must be dead); the next phase makes a
+        new one. For callers that run other large work before the next search."""
+        self.reset()
+        self.buffer = None
+
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous tensor of ``shape``, valid until the next :meth:`reset`."""
         numel = 1
@@ -182,15 +193,18 @@ class ScratchArena:
             numel *= size
         size = numel * dtype.itemsize
         size += -size % self.ALIGNMENT
-        self.wanted += size
-        if self.buffer is None and self.largest > 0:
-            self.buffer = torch.empty(self.largest, dtype=torch.uint8, device=device)
-        buffer = self.buffer
-        if buffer is None or buffer.device != device or self.used + size > buffer.numel():
+        with self.lock:
+            self.wanted += size
+            if self.buffer is None and self.largest > 0:
+                self.buffer = torch.empty(self.largest, dtype=torch.uint8, device=device)
+            buffer, start = self.buffer, self.used
+            fits = buffer is not None and buffer.device == device
+            fits = fits and start + size <= buffer.numel()
+            if fits:
+                self.used += size
+        if not fits:
             return torch.empty(*shape, dtype=dtype, device=device)
-        piece = buffer[self.used : self.used + numel * dtype.itemsize]
-        self.used += size
-        return piece.view(dtype).view(*shape)
+        return buffer[start : start + numel * dtype.itemsize].view(dtype).view(*shape)
 
 
 _THREAD_STATE = threading.local()
@@ -358,9 +372,15 @@ class PatchTables:
         return dot / (query_norm * self.key_norm[batch_index, positions].clamp_min(NORM_EPS))
 
     def relevance_on_workers(
-        self, batch_index: Tensor, queries: Tensor, positions: Tensor, workers: int
+        self,
+        batch_index: Tensor,
+        queries: Tensor,
+        positions: Tensor,
+        workers: int,
+        arena: ScratchArena | None = None,
     ) -> Tensor:
-        """:meth:`relevance` of many pairs, in parts on ``workers`` single-threaded workers."""
+        """:meth:`relevance` of many pairs, in parts on ``workers`` single-threaded workers
+        (their buffers in ``arena`` if given)."""
         count = queries.numel()
         parts = max(1, min(workers, count // PAIR_CHUNK))
         bounds = [round(p * count / parts) for p in range(parts + 1)]
@@ -373,9 +393,9 @@ class PatchTables:
             )
 
         if parts == 1:
-            single_threaded(lambda: score(0, Workspace()), values.device)
+            single_threaded(lambda: score(0, Workspace(arena)), values.device)
         else:
-            run_items(range(parts), score, Workspace, workers)
+            run_items(range(parts), score, lambda: Workspace(arena), workers)
         return values
 
 
@@ -542,10 +562,10 @@ class _Item:
 class _ExactState:
     """A worker's best (value, first position) per query ``[B, N]``, in the input dtype."""
 
-    def __init__(self, like: Tensor) -> None:
+    def __init__(self, like: Tensor, workspace: Workspace) -> None:
         self.best = torch.full_like(like, float("-inf"))
         self.position = torch.zeros(like.shape, dtype=torch.long, device=like.device)
-        self.workspace = Workspace()
+        self.workspace = workspace
 
     def merge(self, other: _ExactState) -> None:
         """Keep the higher value; equal values keep the smaller position."""
@@ -562,13 +582,13 @@ class _ScreenedState:
     ``crowded_rows`` ``[B * H]``: LR rows given up for rescoring (searched again exactly).
     """
 
-    def __init__(self, like: Tensor, width: int, row_limit: int) -> None:
+    def __init__(self, like: Tensor, width: int, row_limit: int, workspace: Workspace) -> None:
         self.best = torch.full(like.shape, float("-inf"), device=like.device)
         self.width, self.row_limit = width, row_limit
         self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self.size = 0
         self.crowded_rows = torch.zeros(like.numel() // width, dtype=torch.bool, device=like.device)
-        self.workspace = Workspace()
+        self.workspace = workspace
 
     def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
         self.parts.append((ids, positions, values))
@@ -701,7 +721,7 @@ class _Search:
         states = run_items(
             self.items(row_range or (0, self.height)),
             process,
-            lambda: _ExactState(self.tables.query_norm),
+            lambda: _ExactState(self.tables.query_norm, Workspace(self.arena)),
             self.workers,
         )
         for other in states[1:]:
@@ -737,7 +757,9 @@ class _Search:
         states = run_items(
             self.items((0, self.height)),
             process,
-            lambda: _ScreenedState(self.tables.query_norm, self.width, row_limit),
+            lambda: _ScreenedState(
+                self.tables.query_norm, self.width, row_limit, Workspace(self.arena)
+            ),
             self.workers,
         )
         threshold = torch.stack([s.best for s in states]).amax(0) - margin
@@ -745,7 +767,7 @@ class _Search:
         for state in states:
             state.crowded_rows = crowded_rows
             state.workspace = Workspace()
-        release_free_memory()  # the workers' step buffers, before anything else is allocated
+        release_free_memory()  # what the workers freed, before anything else is allocated
         found = [s.candidates(threshold) for s in states]
         ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
         counts = torch.bincount(ids, minlength=self.queries)[ids]
@@ -769,7 +791,7 @@ class _Search:
         order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
         ids, positions, batch_index = ids[order], positions[order], batch_index[order]
         values = self.tables.relevance_on_workers(
-            batch_index, ids - batch_index * count, positions, self.workers
+            batch_index, ids - batch_index * count, positions, self.workers, self.arena
         )
         best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
         best.scatter_reduce_(0, ids, values, "amax")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ttsr.model.extractor import TextureExtractor
 from ttsr.model.generator import DEFAULT_BLOCKS, Generator
+from ttsr.model.patch_correlation import thread_arena
 from ttsr.model.search_transfer import Divisor, SearchTransfer, TransferResult
 
 #: Implementations of the search/transfer step; they compute the same result.
@@ -210,6 +211,9 @@ class TTSR(nn.Module):
         """The generator on the transferred textures, taken out of ``handed_over`` (a one-item
         list the caller no longer reads, so that this frame holds the only reference)."""
         textures = handed_over.pop()
+        # The fast search's scratch (its pixel tables) is dead now: give it back before the
+        # generator's activations, where the peak is.
+        thread_arena().release()
         lean = not torch.is_grad_enabled() and self.generator.lean_inference
         if not keep_textures and lean:
             # Inference without the texture maps in the output: the generator frees each map
