@@ -408,8 +408,11 @@ class FastSearchTransfer(SearchTransfer):
 
     @staticmethod
     def _arena(*inputs: Tensor) -> ScratchArena | None:
-        """This thread's scratch arena where autograd keeps nothing of this call (its search
-        tables and level tables then die with it), else None (fresh memory)."""
+        """This thread's scratch arena for CPU work of which autograd keeps nothing (its search
+        tables and level tables then die with the call), else None (fresh memory; on GPUs the
+        caching allocator already reuses memory)."""
+        if inputs[0].device.type != "cpu":
+            return None
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
             return None
         return thread_arena()

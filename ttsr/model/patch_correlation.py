@@ -154,15 +154,15 @@ class ScratchArena:
 
     Fresh large tensors are mapped freshly by the C library and pay a page fault per 4 KB page
     on first touch (in a VM, a good part of a fast forward's time). The fast SearchTransfer's
-    inference scratch (pixel tables, their bfloat16 copies and the workers' step buffers,
-    then each level's channels-last reference table) lives here: phases that follow each other share the same memory. A request
-    that does not fit is served freshly, and the next :meth:`reset` grows the buffer to the
-    largest phase seen, up to :attr:`LIMIT_BYTES` (larger phases are always served freshly, so
-    one huge image does not leave a huge buffer behind).
+    CPU inference scratch (pixel tables, their bfloat16 copies and the workers' step buffers,
+    then each level's channels-last reference table) lives here: phases that follow each other
+    share the same memory. A request that does not fit is served freshly, and the next
+    :meth:`reset` grows the buffer to the largest phase seen, up to :attr:`LIMIT_BYTES` (larger
+    phases are always served freshly, so one huge image does not leave a huge buffer behind).
     """
 
     ALIGNMENT = 64
-    #: The most the arena keeps (a CUFED5-size forward needs about 50 MB).
+    #: The most the arena keeps (a CUFED5-size forward uses about 85 MB).
     LIMIT_BYTES = 256 * 2**20
 
     def __init__(self) -> None:
