@@ -289,8 +289,8 @@ def level_table(references: Sequence[Tensor], arena: ScratchArena | None = None)
     """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``.
 
     A view where a single reference already is channels-last; else a copy, made in ``arena``
-    if given (after resetting it: valid until its next reset; the gather's backward needs only
-    the table's shape).
+    if given (valid until the arena's next reset, which is the caller's to make; the gather's
+    backward needs only the table's shape).
     """
     batch, channels = references[0].shape[:2]
     if len(references) == 1 and references[0].is_contiguous(memory_format=torch.channels_last):
@@ -300,7 +300,6 @@ def level_table(references: Sequence[Tensor], arena: ScratchArena | None = None)
     if arena is None:
         table = references[0].new_empty(shape)
     else:
-        arena.reset()
         table = arena.take(shape, references[0].dtype, references[0].device)
     start = 0
     for reference in references:
@@ -465,6 +464,8 @@ class FastSearchTransfer(SearchTransfer):
                 lrsr_lv3.device,
             )
             arena = self._arena(*levels[scale])
+            if arena is not None:
+                arena.reset()  # a new phase: the search tables and earlier level tables are dead
             textures[scale] = gather_textures(levels[scale], plan, size, scale, arena)
             del plan
         release_free_memory()  # what the workers freed, for whatever runs next

@@ -627,7 +627,7 @@ class _Search:
         workers: int,
         arena: ScratchArena | None = None,
     ) -> None:
-        self.arena = arena  # for the matmul-dtype tables, if given
+        self.arena = arena  # for the matmul-dtype tables and the workers' buffers, if given
         self.batch = tables.query_table.size(0)
         self.height, self.width = tables.height, tables.width
         self.key_sizes = tables.key_sizes
@@ -909,9 +909,10 @@ def search_with_tables(
             chunk); by default chosen for about ``step_elements`` relevance entries per step.
             Working memory is a few times that per worker; the result does not depend on it.
         workers: worker threads (default: the intra-op thread count for CPU tensors).
-        arena: where to build the pixel tables and their matmul-dtype copies (it is reset
-            first): no fresh memory, no page faults; the returned tables are then valid only
-            until the arena's next reset. For callers that drop them before that (inference).
+        arena: where to build the pixel tables, their matmul-dtype copies and the workers'
+            step buffers (it is reset first): no fresh memory, no page faults; the returned
+            tables are then valid only until the arena's next reset. For callers that drop
+            them before that (inference).
     Returns:
         ``[B, H*W]`` int64 indices into the concatenated reference positions, and the float
         :class:`PatchTables` of the inputs (reusable for their relevance).
