@@ -97,6 +97,33 @@ def test_gradients_reach_generator_and_extractor_through_soft_attention():
     assert model.extractor.features[10].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("search", ["straightforward", "fast"])
+def test_bf16_autocast_searches_in_float32_and_stays_close_to_float32(search):
+    lr, lrsr, ref, refsr = inputs(2, 6, 6, 24, 24)
+    model = small_model(search=search, extractor_init="bundled").eval()
+    with torch.no_grad():
+        exact = model(lr, lrsr, ref, refsr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(lr, lrsr, ref, refsr)
+    # Texture maps come out of the search in float32 (the generator then takes bf16 copies).
+    assert mixed.t_lv1.dtype == mixed.soft_attention.dtype == torch.float32
+    # bf16 features move a few near-tie matches at most; the image stays close.
+    assert (mixed.index == exact.index).float().mean() > 0.9
+    assert (mixed.sr.float() - exact.sr).abs().mean() < 0.02
+
+
+def test_bf16_autocast_training_step_reaches_the_generator():
+    lr, lrsr, ref, refsr = inputs(2, 6, 6, 24, 24)
+    model = small_model(search="fast", bicubic_skip=True)
+    model.extractor.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = (model(lr, lrsr, ref, refsr).sr.float() - lrsr).abs().mean()
+    loss.backward()
+    grads = [p.grad for p in model.generator.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert torch.isfinite(loss) and sum(g.abs().sum() for g in grads) > 0
+
+
 def test_texture_free_ablation_has_no_fusion_layers_and_runs():
     model = small_model(use_texture=False, bicubic_skip=True)
     names = {name for name, _ in model.generator.named_parameters()}

@@ -160,6 +160,33 @@ def test_gan_recipe_warms_up_then_trains_critic_and_generator(workdir):
     assert all(np.isfinite(column(rows, "train/loss")))
 
 
+def test_demo_recipe_trains_in_bf16_mixed_precision_with_float32_weights(workdir):
+    run = workdir / "runs" / "demo"
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            f"--data.train_dirs={json.dumps([str(workdir / 'photos')])}",
+            f"--data.val_dirs={json.dumps([str(workdir / 'val')])}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.callbacks=[]",
+            *QUIET,
+        ]
+    )
+    config = (run / "tensorboard" / "version_0" / "config.yaml").read_text()
+    assert "precision: bf16-mixed" in config
+    rows = metrics(run)
+    assert len(column(rows, "train/rec")) == 2 and all(np.isfinite(column(rows, "train/rec")))
+    assert all(np.isfinite(column(rows, "val_lr/psnr") + column(rows, "val_hr/psnr")))
+    (saved,) = run.rglob("*.ckpt")  # Lightning's default checkpoint: the weights stay float32
+    state = torch.load(saved, weights_only=True)["state_dict"]
+    assert {value.dtype for value in state.values() if value.is_floating_point()} == {torch.float32}
+
+
 def test_learning_rate_schedules():
     assert learning_rate_factor(5, "none", 10, 0.5, 0.0) == 1.0
     assert learning_rate_factor(25, "step", 10, 0.5, 0.0) == 0.25

@@ -67,6 +67,13 @@ def build_search_transfer(implementation: str, divisor: Divisor) -> nn.Module:
     raise ValueError(f"search must be one of {SEARCH_IMPLEMENTATIONS}, not {implementation!r}")
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast off: the search compares relevances in float32 even under mixed precision
+    (bf16 features would turn near-ties into different best patches), and its fast path keeps
+    its own float32 tables."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def crop_to_multiple_of_4(image: Tensor) -> Tensor:
     """Crop ``[B, C, H, W]`` at the bottom/right to sides divisible by 4 (as the released code)."""
     height, width = image.shape[-2:]
@@ -172,15 +179,19 @@ class TTSR(nn.Module):
         lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
         if self.deformable_transfer is None:
             del lrsr_lv1, lrsr_lv2  # the hard transfer needs relu3_1 only
-            return self.search_transfer.search_and_transfer(
-                lrsr_lv3,
-                references.refsr_lv3,
-                references.ref_lv1,
-                references.ref_lv2,
-                references.ref_lv3,
-            )
+            with full_precision(lrsr.device):
+                return self.search_transfer.search_and_transfer(
+                    lrsr_lv3.float(),
+                    [f.float() for f in references.refsr_lv3],
+                    [f.float() for f in references.ref_lv1],
+                    [f.float() for f in references.ref_lv2],
+                    [f.float() for f in references.ref_lv3],
+                )
         # The head samples the references itself: search only, no hard textures.
-        soft_attention, index = self.search_transfer.search_only(lrsr_lv3, references.refsr_lv3)
+        with full_precision(lrsr.device):
+            soft_attention, index = self.search_transfer.search_only(
+                lrsr_lv3.float(), [f.float() for f in references.refsr_lv3]
+            )
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
             index,
             lrsr_lv1,
