@@ -267,8 +267,9 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
     kind, size_key, variant = name.split(":")
     size = (QUICK_SIZES if args.quick else FULL_SIZES)[size_key]
     left, right, _ = image_pair(args.images)
-    fast = variant in ("fast", "optimized")
-    if variant == "optimized" and kind == "train":
+    fast = variant in ("fast", "optimized", "bf16")
+    optimized = variant in ("optimized", "bf16")
+    if optimized and kind.startswith("train"):
         keep_freed_memory()  # faster steps; inference keeps glibc's default (less memory)
     sample = make_samples(left, right, size.lr, size.ref, size.batch)
     warmup, repeats = args.warmup, args.repeats
@@ -278,8 +279,8 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
         return search_case(kind, sample, fast, warmup, repeats)
     if kind == "upscale":
         return upscale_case(sample, args.quick)
-    model = build_model("fast" if fast else "straightforward", variant == "optimized", args.quick)
-    sample = layout(sample, variant == "optimized")
+    model = build_model("fast" if fast else "straightforward", optimized, args.quick)
+    sample = layout(sample, optimized)
     if kind == "infer":
         model.eval()
 
@@ -288,14 +289,17 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
                 model(sample.lr, sample.lrsr, sample.ref, sample.refsr, keep_textures=not fast)
 
         return measure(infer, warmup, repeats)
-    if kind == "train":
+    if kind in ("train", "train-bf16"):
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        mixed = variant == "bf16"  # what --trainer.precision bf16-mixed does
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            out = model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
-            F.l1_loss(out.sr, sample.hr * 1.0).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                out = model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
+                loss = F.l1_loss(out.sr.float(), sample.hr * 1.0)
+            loss.backward()
             optimizer.step()
 
         return measure(step, warmup, repeats)
@@ -341,6 +345,7 @@ TASKS = (
     "infer-cufed5",
     "infer-lr192",
     "train-train",
+    "train-bf16-train",
     "infer-lr256",
     "upscale-lr256",
 )
@@ -615,12 +620,22 @@ def main(argv: list[str] | None = None) -> int:
             ">= 1.3x faster",
             lambda r: at_least(r.speed, 1.3),
         ),
+        (
+            "train-bf16",
+            "whole model, training step, bf16-mixed against float32 (both optimized)",
+            "train",
+            "-",
+            lambda r: True,
+        ),
     ):
         if not wanted(f"{kind}-{size_key}"):
             continue
-        variants = (
-            ("straightforward", "fast") if kind.startswith("search") else ("baseline", "optimized")
-        )
+        if kind.startswith("search"):
+            variants = ("straightforward", "fast")
+        elif kind == "train-bf16":
+            variants = ("optimized", "bf16")
+        else:
+            variants = ("baseline", "optimized")
         base = get(f"{kind}:{size_key}:{variants[0]}")
         fast = get(f"{kind}:{size_key}:{variants[1]}")
         rows.append(Row(task, sizes[size_key].name, base, fast, target, check))
