@@ -112,6 +112,14 @@ def test_bf16_autocast_searches_in_float32_and_stays_close_to_float32(search):
     assert (mixed.sr.float() - exact.sr).abs().mean() < 0.02
 
 
+def test_float64_model_searches_and_generates_in_float64():
+    lr, lrsr, ref, refsr = (t.double() for t in inputs(1, 4, 4, 16, 16))
+    model = small_model(search="fast").double().eval()
+    with torch.no_grad():
+        out = model(lr, lrsr, ref, refsr)
+    assert out.sr.dtype == out.t_lv1.dtype == out.soft_attention.dtype == torch.float64
+
+
 def test_bf16_autocast_training_step_reaches_the_generator():
     lr, lrsr, ref, refsr = inputs(2, 6, 6, 24, 24)
     model = small_model(search="fast", bicubic_skip=True)

@@ -67,11 +67,25 @@ def build_search_transfer(implementation: str, divisor: Divisor) -> nn.Module:
     raise ValueError(f"search must be one of {SEARCH_IMPLEMENTATIONS}, not {implementation!r}")
 
 
+#: What autocast computes in; the search widens these to float32.
+REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+
+
 def full_precision(device: torch.device) -> torch.autocast:
     """Autocast off: the search compares relevances in float32 even under mixed precision
     (bf16 features would turn near-ties into different best patches), and its fast path keeps
     its own float32 tables."""
     return torch.autocast(device.type, enabled=False)
+
+
+def at_least_float32(*features: Tensor | list[Tensor]) -> list[Tensor | list[Tensor]]:
+    """Features for the search: bf16/fp16 ones (from autocast) as float32, others unchanged
+    (a float64 model keeps float64)."""
+
+    def widen(feature: Tensor) -> Tensor:
+        return feature.float() if feature.dtype in REDUCED_FLOATS else feature
+
+    return [[widen(f) for f in x] if isinstance(x, list) else widen(x) for x in features]
 
 
 def crop_to_multiple_of_4(image: Tensor) -> Tensor:
@@ -179,18 +193,19 @@ class TTSR(nn.Module):
         lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
         if self.deformable_transfer is None:
             del lrsr_lv1, lrsr_lv2  # the hard transfer needs relu3_1 only
+            features = at_least_float32(
+                lrsr_lv3,
+                references.refsr_lv3,
+                references.ref_lv1,
+                references.ref_lv2,
+                references.ref_lv3,
+            )
             with full_precision(lrsr.device):
-                return self.search_transfer.search_and_transfer(
-                    lrsr_lv3.float(),
-                    [f.float() for f in references.refsr_lv3],
-                    [f.float() for f in references.ref_lv1],
-                    [f.float() for f in references.ref_lv2],
-                    [f.float() for f in references.ref_lv3],
-                )
+                return self.search_transfer.search_and_transfer(*features)
         # The head samples the references itself: search only, no hard textures.
         with full_precision(lrsr.device):
             soft_attention, index = self.search_transfer.search_only(
-                lrsr_lv3.float(), [f.float() for f in references.refsr_lv3]
+                *at_least_float32(lrsr_lv3, references.refsr_lv3)
             )
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
             index,
