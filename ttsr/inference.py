@@ -16,11 +16,9 @@ result up to float rounding.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 from PIL import Image
 
 from ttsr import visualize
-from ttsr.checkpoints import CheckpointError, load_checkpoint
+from ttsr.checkpoints import CheckpointError, TTSRWeights, load_checkpoint
 from ttsr.data.degradation import SCALE, reference_pair, to_tensor, to_uint8, upsample
 from ttsr.imaging import (
     ImageSource,
@@ -59,19 +57,9 @@ MIN_TILE_CORE = 8
 Progress = Callable[[int, int], None]
 
 
-#: File name of the checkpoint shipped in the package (``ttsr/pretrained``, a link to
-#: ``checkpoints/`` in the source tree).
-SHIPPED_CHECKPOINT = "ttsr_demo.pt"
-
-
 def default_checkpoint_path() -> Path:
-    """Where the checkpoint shipped with the package lives (it may not be installed)."""
-    return Path(str(resources.files("ttsr") / "pretrained" / SHIPPED_CHECKPOINT))
-
-
-def fast_search_available() -> bool:
-    """Whether :mod:`ttsr.model.fast_search_transfer` (bounded-memory search) is installed."""
-    return importlib.util.find_spec("ttsr.model.fast_search_transfer") is not None
+    """Where the default shipped model's file lives (it may not be installed)."""
+    return TTSRWeights.DEFAULT.value.path
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -256,20 +244,13 @@ class Upscaler:
         tile_size: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.search_implementation = "straightforward"
-        if fast_search_available():
-            try:
-                model.set_search("fast")
-                self.search_implementation = "fast"
-            except ImportError:  # present but unusable here: keep the definition
-                model.set_search("straightforward")
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
             raise InputError(f"tile size must be at least 1 LR pixel, got {tile_size}")
         self.tile_size = tile_size
         generator = model.generator
-        self.margin = receptive_radius(generator.num_res_blocks, model.use_texture)
+        self.margin = receptive_radius(generator.num_res_blocks, model.config.use_texture)
         self._weight_bytes = _weight_bytes(model)
 
     @classmethod
@@ -307,8 +288,8 @@ class Upscaler:
             reference_sizes,
             n_feats=self.model.generator.n_feats,
             weight_bytes=self._weight_bytes,
-            use_texture=self.model.use_texture,
-            implementation=self.search_implementation,
+            use_texture=self.model.config.use_texture,
+            implementation=self.model.search,
         )
 
     def plan(
@@ -371,7 +352,7 @@ class Upscaler:
     ) -> TilePlan:
         """Validate inputs from their headers (no decoding) and plan the run."""
         references = _as_list(refs)
-        if self.model.use_texture and not references:
+        if self.model.config.use_texture and not references:
             raise InputError("give at least one reference image")
         lr_size = image_size(lr)
         require_min_side(lr_size, MIN_LR_SIDE, describe(lr), "low-resolution input")
@@ -397,7 +378,7 @@ class Upscaler:
             lrsr_rgb=lrsr_rgb,
             references_rgb=tuple(ref for ref, _ in pairs),
         )
-        if self.model.use_texture:
+        if self.model.config.use_texture:
             check_inputs(inputs.lr, inputs.lrsr, inputs.refs, inputs.refsrs)
         return inputs
 
@@ -416,7 +397,7 @@ class Upscaler:
         inputs = self.prepare(lr, refs)
         plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
         output = self.run(inputs, plan, progress)
-        references = inputs.references_rgb if self.model.use_texture else ()
+        references = inputs.references_rgb if self.model.config.use_texture else ()
         correspondence = None
         if output.index is not None:
             correspondence = Correspondence.from_index(
@@ -438,7 +419,7 @@ class Upscaler:
         """Run the network tile by tile: reference features once, LR-up cropped per tile."""
         device = self.device
         height, width = inputs.lr.shape[-2:]
-        use_texture = self.model.use_texture
+        use_texture = self.model.config.use_texture
         features = None
         if use_texture:
             features = self.model.extract_reference_features(
