@@ -14,7 +14,8 @@ from ttsr.checkpoints import save_checkpoint
 from ttsr.model.config import TTSRConfig
 from ttsr.model.ttsr import TTSR
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+#: Test vectors carried in the repository (each folder's README says where it comes from).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASED = FIXTURES / "released_ttsr_small"
 
 

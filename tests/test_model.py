@@ -6,9 +6,11 @@ import pickle
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ttsr import TTSR, TextureExtractor
 from ttsr.checkpoints import (
@@ -18,10 +20,11 @@ from ttsr.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from ttsr.data.degradation import reference_pair, to_tensor, upsample
 from ttsr.model.config import TTSRConfig
 from ttsr.model.extractor import bundled_vgg_path
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "released_ttsr_small"
+RELEASED = Path(__file__).resolve().parent / "fixtures" / "released_ttsr_small"
 
 
 def small_model(search: str = "fast", extractor_init: str = "random", **config) -> TTSR:
@@ -230,10 +233,12 @@ def test_converted_fixture_reproduces_released_outputs(search):
     model = TTSR(config, search=search)
     model.load_state_dict(converted)
     model.eval()
-    given = torch.load(RELEASED / "inputs.pt", weights_only=True)
+    lr = np.asarray(Image.open(RELEASED / "lr.png"))
+    ref, refsr = reference_pair(np.asarray(Image.open(RELEASED / "ref.png")))
+    given = [to_tensor(image)[None] for image in (lr, upsample(lr), ref, refsr)]
     expected = torch.load(RELEASED / "outputs.pt", weights_only=True)
     with torch.no_grad():
-        out = model(given["lr"], given["lrsr"], given["ref"], given["refsr"])
+        out = model(*given)
     torch.testing.assert_close(out.sr, expected["sr"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.soft_attention, expected["S"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.t_lv3, expected["T_lv3"], rtol=1e-4, atol=1e-4)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ttsr.model import TTSR, Generator, SearchTransfer, TextureExtractor, TTSRConfig, TTSROutput
+from ttsr.model import (
+    TTSR,
+    FastSearchTransfer,
+    Generator,
+    SearchTransfer,
+    TextureExtractor,
+    TTSRConfig,
+    TTSROutput,
+)
 
 if TYPE_CHECKING:
     from ttsr.inference import Upscaler, UpscaleResult
@@ -15,6 +23,7 @@ __all__ = [
     "TTSROutput",
     "Generator",
     "SearchTransfer",
+    "FastSearchTransfer",
     "TextureExtractor",
     "Upscaler",
     "UpscaleResult",
