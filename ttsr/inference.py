@@ -47,6 +47,7 @@ from ttsr.memory import (
 )
 from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
+from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -246,6 +247,8 @@ class Upscaler:
         max_memory: budget in bytes for one run; ``None``: half of the available memory.
         tile_size: force LR tile cores of this size (pixels); ``None``: as large as the budget
             allows (the whole image when it fits).
+        reference_alignment: match each reference's colours to the LR's before the search
+            (:mod:`ttsr.reference_alignment`): ``"none"``, ``"meanstd"`` or ``"histogram"``.
     """
 
     def __init__(
@@ -254,7 +257,14 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> None:
+        if reference_alignment not in ALIGNMENTS:
+            raise InputError(
+                f"unknown reference alignment {reference_alignment!r}; use one of "
+                + ", ".join(ALIGNMENTS)
+            )
+        self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
         self.search_implementation = "straightforward"
         if fast_search_available():
@@ -279,6 +289,7 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> Upscaler:
         """Load a ttsr checkpoint (weights only); ``None``: the checkpoint shipped with ttsr."""
         if path is None:
@@ -288,7 +299,7 @@ class Upscaler:
                     f"the checkpoint shipped with ttsr ({path}) is not installed in this build; "
                     "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
                 )
-        return cls(load_checkpoint(path), device, max_memory, tile_size)
+        return cls(load_checkpoint(path), device, max_memory, tile_size, reference_alignment)
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -388,7 +399,10 @@ class Upscaler:
         """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up)."""
         lr_rgb = load_rgb(lr)
         lrsr_rgb = upsample(lr_rgb)
-        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
+        pairs = [
+            reference_pair(align_reference(load_rgb(ref), lr_rgb, self.reference_alignment))
+            for ref in _as_list(refs)
+        ]
         inputs = PreparedInputs(
             lr=to_tensor(lr_rgb)[None],
             lrsr=to_tensor(lrsr_rgb)[None],
