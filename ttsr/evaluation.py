@@ -203,6 +203,8 @@ class EvalTable:
     settings: dict[str, object] = field(default_factory=dict)
 
     COLUMNS = ("bicubic_psnr", "bicubic_ssim", "ttsr_psnr", "ttsr_ssim")
+    #: Names of the methods whose ``<method>_psnr`` columns the summary chart shows.
+    LABELS = {"bicubic": "bicubic", "ttsr": "TTSR"}
 
     def columns(self) -> tuple[str, ...]:
         """The columns measured (model columns are left out when only bicubic was)."""
@@ -292,10 +294,13 @@ def comparison_grid(row: EvalRow, images: EvalImages) -> Image.Image:
 
 
 def summary_chart(table: EvalTable, title: str) -> Image.Image:
-    """Per-image Y-PSNR of bicubic and the model, and their means, as a bar chart."""
+    """Per-image Y-PSNR of each method measured, and their means, as a bar chart."""
     names = [r.image for r in table.rows] + ["mean"]
     mean = table.mean()
-    series = {"bicubic": [r.bicubic_psnr for r in table.rows] + [mean["bicubic_psnr"]]}
-    if "ttsr_psnr" in mean:
-        series["TTSR"] = [r.ttsr_psnr or math.nan for r in table.rows] + [mean["ttsr_psnr"]]
+    series = {}
+    for method, label in table.LABELS.items():
+        column = f"{method}_psnr"
+        if column in mean:
+            values = [getattr(r, column) for r in table.rows]
+            series[label] = [math.nan if v is None else v for v in values] + [mean[column]]
     return visualize.bar_chart(names, series, title)

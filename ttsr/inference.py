@@ -394,13 +394,20 @@ class Upscaler:
         return self.plan(lr_size, reference_sizes)
 
     def prepare(
-        self, lr: ImageSource, refs: ImageSource | Sequence[ImageSource] | None
+        self,
+        lr: ImageSource,
+        refs: ImageSource | Sequence[ImageSource] | None,
+        alignment: Alignment | None = None,
     ) -> PreparedInputs:
-        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up)."""
+        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
+        """
+        alignment = self.reference_alignment if alignment is None else alignment
         lr_rgb = load_rgb(lr)
         lrsr_rgb = upsample(lr_rgb)
         pairs = [
-            reference_pair(align_reference(load_rgb(ref), lr_rgb, self.reference_alignment))
+            reference_pair(align_reference(load_rgb(ref), lr_rgb, alignment))
             for ref in _as_list(refs)
         ]
         inputs = PreparedInputs(
@@ -420,14 +427,17 @@ class Upscaler:
         lr: ImageSource,
         refs: ImageSource | Sequence[ImageSource] | None,
         progress: Progress | None = None,
+        alignment: Alignment | None = None,
     ) -> UpscaleResult:
         """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
 
         Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
         or a run that does not fit the memory budget, before any heavy work.
         """
         self.check_sizes(lr, refs)  # refuses early, from the headers
-        inputs = self.prepare(lr, refs)
+        inputs = self.prepare(lr, refs, alignment)
         plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
         output = self.run(inputs, plan, progress)
         references = inputs.references_rgb if self.model.use_texture else ()

@@ -22,6 +22,7 @@ from ttsr.evaluation import Corruption, EvalItem, EvalTable, check_item, degrade
 from ttsr.imaging import IMAGE_SUFFIXES, InputError, load_rgb
 from ttsr.inference import Upscaler
 from ttsr.metrics import psnr_y, ssim_y
+from ttsr.reference_alignment import Alignment
 
 TARGET_STEM = "target"
 REFERENCE_STEM = "ref"
@@ -47,6 +48,8 @@ class PairRow:
     lr_ref_ssim: float | None = None
     ref_psnr: float | None = None
     ref_ssim: float | None = None
+    aligned_ref_psnr: float | None = None
+    aligned_ref_ssim: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class PairImages:
     bicubic: np.ndarray
     lr_ref_sr: np.ndarray | None
     ref_sr: np.ndarray | None
+    aligned_ref_sr: np.ndarray | None
     reference: np.ndarray
 
 
@@ -70,7 +74,15 @@ class PairTable(EvalTable):
         "lr_ref_ssim",
         "ref_psnr",
         "ref_ssim",
+        "aligned_ref_psnr",
+        "aligned_ref_ssim",
     )
+    LABELS = {
+        "bicubic": "bicubic",
+        "lr_ref": "LR as reference",
+        "ref": "reference",
+        "aligned_ref": "aligned reference",
+    }
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -113,17 +125,26 @@ def check_pair(item: PairItem, upscaler: Upscaler | None, border: int = 0) -> No
 def evaluate_pair(
     item: PairItem, upscaler: Upscaler | None, border: int = 0, corrupt: Corruption | None = None
 ) -> tuple[PairRow, PairImages]:
-    """Score bicubic, and with a model the LR as reference and the real reference, on one pair."""
+    """Score bicubic, and with a model the LR as reference and the real reference, on one pair.
+
+    When the upscaler aligns references (``reference_alignment`` other than ``"none"``), the real
+    reference is scored both without alignment (``ref``) and with it (``aligned_ref``); the LR as
+    its own reference is never aligned.
+    """
     hr, lr, bicubic = degraded_lr(load_rgb(item.target), corrupt)
     reference = load_rgb(item.reference)
     scores: list[float | None] = [psnr_y(hr, bicubic, border), ssim_y(hr, bicubic, border)]
-    outputs: list[np.ndarray | None] = [None, None]
+    outputs: list[np.ndarray | None] = [None, None, None]
     if upscaler is not None:
-        outputs = [np.asarray(upscaler.upscale(lr, [r]).sr) for r in (lr, reference)]
-        for sr in outputs:
+        runs: list[tuple[np.ndarray, Alignment]] = [(lr, "none"), (reference, "none")]
+        if upscaler.reference_alignment != "none":
+            runs.append((reference, upscaler.reference_alignment))
+        for index, (ref, alignment) in enumerate(runs):
+            sr = np.asarray(upscaler.upscale(lr, [ref], alignment=alignment).sr)
+            outputs[index] = sr
             scores += [psnr_y(hr, sr, border), ssim_y(hr, sr, border)]
     row = PairRow(item.name, *scores)  # type: ignore[arg-type]
-    return row, PairImages(hr, bicubic, outputs[0], outputs[1], reference)
+    return row, PairImages(hr, bicubic, *outputs, reference=reference)
 
 
 def evaluate_pairs(
@@ -146,12 +167,15 @@ def evaluate_pairs(
 
 
 def pair_grid(row: PairRow, images: PairImages) -> Image.Image:
-    """HR | bicubic | LR as reference | real reference result | the reference, labelled."""
+    """HR | bicubic | LR as reference | real reference (| aligned) | the reference, labelled."""
     panels = [images.hr, images.bicubic]
     labels = [row.image, f"bicubic {row.bicubic_psnr:.2f} dB"]
     if images.lr_ref_sr is not None and images.ref_sr is not None:
         panels += [images.lr_ref_sr, images.ref_sr]
         labels += [f"LR as reference {row.lr_ref_psnr:.2f} dB", f"reference {row.ref_psnr:.2f} dB"]
+    if images.aligned_ref_sr is not None:
+        panels.append(images.aligned_ref_sr)
+        labels.append(f"aligned reference {row.aligned_ref_psnr:.2f} dB")
     panels.append(images.reference)
     labels.append("reference")
     height = images.hr.shape[0]
