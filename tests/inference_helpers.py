@@ -13,7 +13,8 @@ from PIL import Image
 from ttsr.checkpoints import save_checkpoint
 from ttsr.model.ttsr import TTSR
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+#: Test vectors carried in the repository (each folder's README says where it comes from).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASED = FIXTURES / "released_ttsr_small"
 
 

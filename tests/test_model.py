@@ -6,9 +6,11 @@ import pickle
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ttsr import TTSR, TextureExtractor
 from ttsr.checkpoints import (
@@ -18,9 +20,10 @@ from ttsr.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from ttsr.data.degradation import reference_pair, to_tensor, upsample
 from ttsr.model.extractor import bundled_vgg_path
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "released_ttsr_small"
+RELEASED = Path(__file__).resolve().parent / "fixtures" / "released_ttsr_small"
 
 
 def small_model(**kwargs) -> TTSR:
@@ -228,10 +231,12 @@ def test_converted_fixture_reproduces_released_outputs():
     model = TTSR(**config)
     model.load_state_dict(converted)
     model.eval()
-    given = torch.load(RELEASED / "inputs.pt", weights_only=True)
+    lr = np.asarray(Image.open(RELEASED / "lr.png"))
+    ref, refsr = reference_pair(np.asarray(Image.open(RELEASED / "ref.png")))
+    given = [to_tensor(image)[None] for image in (lr, upsample(lr), ref, refsr)]
     expected = torch.load(RELEASED / "outputs.pt", weights_only=True)
     with torch.no_grad():
-        out = model(given["lr"], given["lrsr"], given["ref"], given["refsr"])
+        out = model(*given)
     torch.testing.assert_close(out.sr, expected["sr"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.soft_attention, expected["S"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.t_lv3, expected["T_lv3"], rtol=1e-4, atol=1e-4)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ttsr.model import TTSR, Generator, SearchTransfer, TextureExtractor, TTSROutput
+from ttsr.model import (
+    TTSR,
+    FastSearchTransfer,
+    Generator,
+    SearchTransfer,
+    TextureExtractor,
+    TTSROutput,
+)
 
 if TYPE_CHECKING:
     from ttsr.inference import Upscaler, UpscaleResult
@@ -14,6 +21,7 @@ __all__ = [
     "TTSROutput",
     "Generator",
     "SearchTransfer",
+    "FastSearchTransfer",
     "TextureExtractor",
     "Upscaler",
     "UpscaleResult",

@@ -123,7 +123,11 @@ def transfer(
 
 
 class SearchTransfer(nn.Module):
-    """TTSR's hard-attention search and texture transfer at three scales.
+    """TTSR's hard-attention search and texture transfer at three scales: the definition.
+
+    Straightforward and readable (memory ``O(N x M)`` in query and reference patches);
+    :class:`~ttsr.model.fast_search_transfer.FastSearchTransfer` is its fast equivalent (same
+    result in bounded memory) and what :class:`~ttsr.model.ttsr.TTSR` runs by default.
 
     ``forward(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3) -> (S, T_lv3, T_lv2, T_lv1)``:
 
