@@ -45,6 +45,7 @@ from ttsr.memory import (
 )
 from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
+from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -234,6 +235,8 @@ class Upscaler:
         max_memory: budget in bytes for one run; ``None``: half of the available memory.
         tile_size: force LR tile cores of this size (pixels); ``None``: as large as the budget
             allows (the whole image when it fits).
+        reference_alignment: match each reference's colours to the LR's before the search
+            (:mod:`ttsr.reference_alignment`): ``"none"``, ``"meanstd"`` or ``"histogram"``.
     """
 
     def __init__(
@@ -242,7 +245,14 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> None:
+        if reference_alignment not in ALIGNMENTS:
+            raise InputError(
+                f"unknown reference alignment {reference_alignment!r}; use one of "
+                + ", ".join(ALIGNMENTS)
+            )
+        self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
@@ -260,6 +270,7 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> Upscaler:
         """Load a ttsr checkpoint (weights only); ``None``: the checkpoint shipped with ttsr."""
         if path is None:
@@ -269,7 +280,7 @@ class Upscaler:
                     f"the checkpoint shipped with ttsr ({path}) is not installed in this build; "
                     "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
                 )
-        return cls(load_checkpoint(path), device, max_memory, tile_size)
+        return cls(load_checkpoint(path), device, max_memory, tile_size, reference_alignment)
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -364,12 +375,22 @@ class Upscaler:
         return self.plan(lr_size, reference_sizes)
 
     def prepare(
-        self, lr: ImageSource, refs: ImageSource | Sequence[ImageSource] | None
+        self,
+        lr: ImageSource,
+        refs: ImageSource | Sequence[ImageSource] | None,
+        alignment: Alignment | None = None,
     ) -> PreparedInputs:
-        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up)."""
+        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
+        """
+        alignment = self.reference_alignment if alignment is None else alignment
         lr_rgb = load_rgb(lr)
         lrsr_rgb = upsample(lr_rgb)
-        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
+        pairs = [
+            reference_pair(align_reference(load_rgb(ref), lr_rgb, alignment))
+            for ref in _as_list(refs)
+        ]
         inputs = PreparedInputs(
             lr=to_tensor(lr_rgb)[None],
             lrsr=to_tensor(lrsr_rgb)[None],
@@ -387,14 +408,17 @@ class Upscaler:
         lr: ImageSource,
         refs: ImageSource | Sequence[ImageSource] | None,
         progress: Progress | None = None,
+        alignment: Alignment | None = None,
     ) -> UpscaleResult:
         """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
 
         Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
         or a run that does not fit the memory budget, before any heavy work.
         """
         self.check_sizes(lr, refs)  # refuses early, from the headers
-        inputs = self.prepare(lr, refs)
+        inputs = self.prepare(lr, refs, alignment)
         plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
         output = self.run(inputs, plan, progress)
         references = inputs.references_rgb if self.model.config.use_texture else ()
