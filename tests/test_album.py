@@ -26,6 +26,7 @@ from ttsr.album.selection import choose_greedily
 from ttsr.cli import infer
 from ttsr.data.degradation import downsample
 from ttsr.inference import Upscaler
+from ttsr.model.config import TTSRConfig
 from ttsr.model.ttsr import TTSR
 
 PROG = "ttsr-infer"
@@ -53,7 +54,7 @@ def scene(seed: int, height: int = 160, width: int = 224) -> np.ndarray:
 def model() -> TTSR:
     """A small network with the ImageNet VGG19 head shipped with ttsr as its extractor."""
     torch.manual_seed(0)
-    return TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8, extractor_init="bundled").eval()
+    return TTSR(TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8), extractor_init="bundled").eval()
 
 
 @pytest.fixture

@@ -39,6 +39,17 @@ def test_upscaler_is_exported_lazily() -> None:
     assert loaded.stdout.strip() == "False"
 
 
+def test_both_search_transfers_are_exported_and_documented() -> None:
+    from ttsr import model
+
+    assert ttsr.SearchTransfer is model.SearchTransfer
+    assert ttsr.FastSearchTransfer is model.FastSearchTransfer
+    assert {"SearchTransfer", "FastSearchTransfer"} <= set(ttsr.__all__) & set(model.__all__)
+    assert issubclass(ttsr.FastSearchTransfer, ttsr.SearchTransfer)
+    assert "the definition" in ttsr.SearchTransfer.__doc__.splitlines()[0]
+    assert "fast equivalent" in ttsr.FastSearchTransfer.__doc__.splitlines()[0]
+
+
 @pytest.mark.parametrize(
     "document",
     [path for path in SNIPPET_SOURCES if path.is_file() and MARKER in path.read_text("utf-8")],

@@ -5,18 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from inference_helpers import RELEASED, call
 from PIL import Image
 
 from ttsr.checkpoints import load_checkpoint
 from ttsr.cli import convert, infer
-
-pytestmark = pytest.mark.skipif(
-    not (RELEASED / "released_format_state_dict.pt").is_file(),
-    reason="needs the released-code test vector in ../shared/fixtures",
-)
 
 
 def test_convert_writes_a_ttsr_checkpoint(tmp_path: Path, capsys) -> None:

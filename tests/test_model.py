@@ -6,9 +6,11 @@ import pickle
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ttsr import TTSR, TextureExtractor
 from ttsr.checkpoints import (
@@ -18,14 +20,17 @@ from ttsr.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from ttsr.data.degradation import reference_pair, to_tensor, upsample
+from ttsr.model.config import TTSRConfig
 from ttsr.model.extractor import bundled_vgg_path
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "released_ttsr_small"
+RELEASED = Path(__file__).resolve().parent / "fixtures" / "released_ttsr_small"
 
 
-def small_model(**kwargs) -> TTSR:
+def small_model(search: str = "fast", extractor_init: str = "random", **config) -> TTSR:
     torch.manual_seed(0)
-    return TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8, **kwargs)
+    config = TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8, **config)
+    return TTSR(config, search=search, extractor_init=extractor_init)
 
 
 def inputs(batch: int, height: int, width: int, ref_height: int, ref_width: int):
@@ -195,12 +200,11 @@ def released_format_state(model: TTSR) -> dict[str, torch.Tensor]:
 
 
 def test_conversion_round_trip_of_official_format_state_dict(tmp_path):
-    model = TTSR(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant").eval()
+    model = TTSR(TTSRConfig(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant")).eval()
     official = tmp_path / "official.pt"
     torch.save(released_format_state(model), official)
     config = convert_released_checkpoint(official, tmp_path / "converted.pt")
-    assert config["num_res_blocks"] == [2, 3, 1, 2] and config["n_feats"] == 12
-    assert config["divisor"] == "constant"
+    assert config == TTSRConfig(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant")
     converted = load_checkpoint(tmp_path / "converted.pt").eval()
     for key, value in model.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key
@@ -222,16 +226,19 @@ def test_conversion_reports_bad_keys_clearly(problem, message):
         convert_released_state(state)
 
 
-def test_converted_fixture_reproduces_released_outputs():
+@pytest.mark.parametrize("search", ["fast", "straightforward"])
+def test_converted_fixture_reproduces_released_outputs(search):
     state = torch.load(RELEASED / "released_format_state_dict.pt", weights_only=True)
     config, converted = convert_released_state(state)
-    model = TTSR(**config)
+    model = TTSR(config, search=search)
     model.load_state_dict(converted)
     model.eval()
-    given = torch.load(RELEASED / "inputs.pt", weights_only=True)
+    lr = np.asarray(Image.open(RELEASED / "lr.png"))
+    ref, refsr = reference_pair(np.asarray(Image.open(RELEASED / "ref.png")))
+    given = [to_tensor(image)[None] for image in (lr, upsample(lr), ref, refsr)]
     expected = torch.load(RELEASED / "outputs.pt", weights_only=True)
     with torch.no_grad():
-        out = model(given["lr"], given["lrsr"], given["ref"], given["refsr"])
+        out = model(*given)
     torch.testing.assert_close(out.sr, expected["sr"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.soft_attention, expected["S"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.t_lv3, expected["T_lv3"], rtol=1e-4, atol=1e-4)
@@ -242,7 +249,7 @@ def test_checkpoint_round_trip_keeps_weights_and_architecture(tmp_path):
     model = small_model(divisor="constant", bicubic_skip=True)
     save_checkpoint(model, tmp_path / "model.pt", metadata={"note": "test"})
     loaded = load_checkpoint(tmp_path / "model.pt")
-    assert loaded.divisor == "constant" and loaded.generator.bicubic_skip
+    assert loaded.config.divisor == "constant" and loaded.generator.bicubic_skip
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 

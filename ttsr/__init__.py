@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ttsr.model import TTSR, Generator, SearchTransfer, TextureExtractor, TTSROutput
+from ttsr.model import (
+    TTSR,
+    FastSearchTransfer,
+    Generator,
+    SearchTransfer,
+    TextureExtractor,
+    TTSRConfig,
+    TTSROutput,
+)
 
 if TYPE_CHECKING:
     from ttsr.inference import Upscaler, UpscaleResult
 
 __all__ = [
     "TTSR",
+    "TTSRConfig",
     "TTSROutput",
     "Generator",
     "SearchTransfer",
+    "FastSearchTransfer",
     "TextureExtractor",
     "Upscaler",
     "UpscaleResult",

@@ -357,8 +357,12 @@ def fast_transfer(
 
 
 class FastSearchTransfer(SearchTransfer):
-    """Drop-in for :class:`~ttsr.model.search_transfer.SearchTransfer` (its ``forward``, with
-    :meth:`search_only` and :meth:`search_and_transfer` replaced): same result, fast, bounded.
+    """The fast equivalent of :class:`~ttsr.model.search_transfer.SearchTransfer`, the definition.
+
+    A drop-in (its ``forward``, with :meth:`search_only` and :meth:`search_and_transfer`
+    replaced): same result (identical indices without ties, ``S`` and ``T`` within 1e-5, equal
+    gradients), fast and in bounded memory; what :class:`~ttsr.model.ttsr.TTSR` runs by default
+    (``search="fast"``).
 
     Args:
         divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Divisor = Literal["overlap", "constant"]
+from ttsr.model.config import Divisor
 
 #: (kernel, stride, padding) of the transfer at relu3_1, relu2_1 and relu1_1 (scale 1, 2, 4).
 TRANSFER_GEOMETRY: dict[int, tuple[int, int, int]] = {1: (3, 1, 1), 2: (6, 2, 2), 4: (12, 4, 4)}
@@ -123,7 +122,11 @@ def transfer(
 
 
 class SearchTransfer(nn.Module):
-    """TTSR's hard-attention search and texture transfer at three scales.
+    """TTSR's hard-attention search and texture transfer at three scales: the definition.
+
+    Straightforward and readable (memory ``O(N x M)`` in query and reference patches);
+    :class:`~ttsr.model.fast_search_transfer.FastSearchTransfer` is its fast equivalent (same
+    result in bounded memory) and what :class:`~ttsr.model.ttsr.TTSR` runs by default.
 
     ``forward(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3) -> (S, T_lv3, T_lv2, T_lv1)``:
 
