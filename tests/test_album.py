@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from inference_helpers import (
     assert_bad_input,
     call,
@@ -23,11 +24,13 @@ from PIL import Image
 from ttsr.album import Album
 from ttsr.album.index import load_index
 from ttsr.album.selection import choose_greedily
+from ttsr.cli import eval as eval_cli
 from ttsr.cli import infer
 from ttsr.data.degradation import downsample
 from ttsr.inference import Upscaler
 from ttsr.model.config import TTSRConfig
 from ttsr.model.ttsr import TTSR
+from ttsr.server import ServerSettings, create_app
 
 PROG = "ttsr-infer"
 
@@ -227,3 +230,55 @@ def test_cli_refuses_references_and_an_album_together(tmp_path, checkpoint, caps
         capsys,
     )
     assert code == 2 and "--ref-dir" in err
+
+
+def test_eval_pairs_against_an_album_reports_top1_and_both_psnrs(
+    tmp_path, checkpoint, capsys
+) -> None:
+    pairs, distractors = tmp_path / "pairs", tmp_path / "others"
+    for seed in (10, 11):
+        world = scene(seed, 48, 96)
+        save_png(world[:, :64], pairs / f"scene{seed}" / "target.png")
+        save_png(world[:, 32:], pairs / f"scene{seed}" / "ref.png")
+    for seed in range(3):
+        save_png(scene(seed, 48, 64), distractors / f"d{seed}.png")
+    out = tmp_path / "eval"
+    argv = ["--pairs", pairs, "--album-distractors", distractors, "--album-size", "4"]
+    code, stdout, err = call(
+        eval_cli.main, [*argv, "--out", out, "--checkpoint", checkpoint], capsys
+    )
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["photos"] == 4  # two references and two distractors
+    assert [r["name"] for r in results["rows"]] == ["scene10", "scene11"]
+    assert {"top1_accuracy", "mean_true_reference_psnr", "mean_album_psnr"} <= set(
+        results["summary"]
+    )
+    assert "top-1" in stdout
+    code, _, err = call(eval_cli.main, ["--pairs", pairs, "--album-timing", "scene10"], capsys)
+    assert code == 2 and "--album-distractors" in err
+
+
+def test_web_api_chooses_references_from_album_photos(tmp_path, model, album_with_view) -> None:
+    folder, true_reference, lr = album_with_view
+    settings = ServerSettings(max_upload_bytes=1 << 20, max_album=10, temp_dir=tmp_path / "up")
+    lr_png = save_png(lr, tmp_path / "lr.png").read_bytes()
+    photos = [
+        p for p in sorted(folder.iterdir()) if p.name in ("holiday_000.png", "holiday_031.png")
+    ]
+    album = [("album", (p.name, p.read_bytes(), "image/png")) for p in photos]
+    album.append(("album", ("notes.txt", b"not a photo", "text/plain")))
+    with TestClient(
+        create_app(Upscaler(model, "cpu", max_memory=1 << 34), settings=settings)
+    ) as client:
+        response = client.post(
+            "/api/upscale?format=json", files=[("lr", ("lr.png", lr_png, "image/png")), *album]
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["references"][0] == true_reference.name
+        both = [("ref", ("r.png", lr_png, "image/png")), *album]
+        response = client.post(
+            "/api/upscale", files=[("lr", ("lr.png", lr_png, "image/png")), *both]
+        )
+        assert response.status_code == 400 and "not both" in response.json()["error"]
+    assert list((tmp_path / "up").iterdir()) == []  # nothing kept

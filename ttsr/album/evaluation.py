@@ -1,11 +1,12 @@
 """Evaluation of references chosen from an album, on pairs of real photos.
 
-A pairs folder holds ``NAME/target.png`` (the HR ground truth) and ``NAME/ref.png`` (another real
-photo of the scene). Every pair's reference is pooled with distractor photos into one album
-(:func:`build_album`, a folder of links); each target is taken down x4 with PIL bicubic and its
-references are chosen from the album. Reported per pair: the rank of the true reference in both
-stages, whether it was chosen first (top-1), and the Y-PSNR of bicubic, of the model with the
-true reference alone and with the references chosen from the album (default ``top_k``).
+Pairs are those of :mod:`ttsr.pair_evaluation` (``NAME/target.png`` + ``NAME/ref.png``). Every
+pair's reference is pooled with distractor photos into one album (:func:`build_album`, a folder of
+links); each target is taken down x4 as in :func:`ttsr.evaluation.degraded_lr` (optionally
+corrupted) and its references are chosen from the album. Reported per pair: the rank of the true
+reference in both stages, whether it was chosen first (top-1), and the Y-PSNR of bicubic, of the
+model with the true reference alone and with the references chosen from the album (default
+``top_k``).
 
 When the album's choice is exactly the true reference, the album run is the true-reference run
 (same inputs, same deterministic computation): its output is reused, not recomputed.
@@ -13,33 +14,27 @@ When the album's choice is exactly the true reference, the album run is the true
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from ttsr.album.selection import DEFAULT_TOP_K, Album, AlbumMatches
-from ttsr.data.degradation import lr_from_hr
-from ttsr.imaging import InputError, list_images, load_rgb
+from ttsr.evaluation import Corruption, degraded_lr
+from ttsr.imaging import list_images, load_rgb
 from ttsr.inference import Upscaler
 from ttsr.metrics import psnr_y
+from ttsr.pair_evaluation import PairItem
 
 #: Separates the source (pair or folder name) from the file name in the album's link names.
 LINK_SEPARATOR = "__"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One real pair: its name, HR target and reference."""
-
-    name: str
-    target: Path
-    reference: Path
 
 
 @dataclass(frozen=True)
@@ -58,22 +53,8 @@ class AlbumRow:
     ranking_seconds: float
 
 
-def pair_folders(root: Path) -> list[Pair]:
-    """The pairs of a folder of ``NAME/target.png`` + ``NAME/ref.png``, by name."""
-    if not root.is_dir():
-        raise InputError(f"{root} is not a folder of NAME/target.png + NAME/ref.png pairs")
-    pairs = [
-        Pair(d.name, d / "target.png", d / "ref.png")
-        for d in sorted(root.iterdir())
-        if (d / "target.png").is_file() and (d / "ref.png").is_file()
-    ]
-    if not pairs:
-        raise InputError(f"{root} holds no NAME/target.png + NAME/ref.png pairs")
-    return pairs
-
-
 def build_album(
-    pairs: Sequence[Pair], distractors: Sequence[Path], folder: Path, size: int | None = None
+    pairs: Sequence[PairItem], distractors: Sequence[Path], folder: Path, size: int | None = None
 ) -> dict[str, Path]:
     """Link every pair's reference and the distractor photos (images directly in the given
     folders, in order, until the album holds ``size`` photos) into ``folder``.
@@ -116,10 +97,16 @@ def _rank(matches: AlbumMatches, reference: Path) -> tuple[int, int | None]:
 
 
 def evaluate_pair(
-    pair: Pair, reference_in_album: Path, album: Album, upscaler: Upscaler, top_k: int
+    pair: PairItem,
+    reference_in_album: Path,
+    album: Album,
+    upscaler: Upscaler,
+    top_k: int = DEFAULT_TOP_K,
+    border: int = 0,
+    corrupt: Corruption | None = None,
 ) -> AlbumRow:
     """Score one pair against the album."""
-    hr, lr, bicubic = lr_from_hr(load_rgb(pair.target))
+    hr, lr, bicubic = degraded_lr(load_rgb(pair.target), corrupt)
     started = time.perf_counter()
     matches = upscaler.choose_references(lr, album, top_k)
     ranking_seconds = time.perf_counter() - started
@@ -135,9 +122,9 @@ def evaluate_pair(
         fine_rank=fine_rank,
         top1=matches.chosen[0] == reference_in_album,
         chosen=tuple(p.name for p in matches.chosen),
-        bicubic_psnr=psnr_y(hr, bicubic),
-        true_reference_psnr=psnr_y(hr, true_sr),
-        album_psnr=psnr_y(hr, album_sr),
+        bicubic_psnr=psnr_y(hr, bicubic, border),
+        true_reference_psnr=psnr_y(hr, true_sr, border),
+        album_psnr=psnr_y(hr, album_sr, border),
         ranking_seconds=ranking_seconds,
     )
 
@@ -183,6 +170,18 @@ class AlbumTable:
         )
         return "\n".join(lines)
 
+    def to_csv(self) -> str:
+        """One line per pair."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        names = [f.name for f in fields(AlbumRow)]
+        writer.writerow(names)
+        for row in self.rows:
+            values = asdict(row)
+            values["chosen"] = " ".join(row.chosen)
+            writer.writerow([values[n] for n in names])
+        return buffer.getvalue()
+
     def to_json(self) -> str:
         document = {
             "settings": self.settings,
@@ -197,17 +196,19 @@ def _finite(value: object) -> object:
 
 
 def evaluate_album(
-    pairs: Sequence[Pair],
+    pairs: Sequence[PairItem],
     references: dict[str, Path],
     album: Album,
     upscaler: Upscaler,
     top_k: int = DEFAULT_TOP_K,
+    border: int = 0,
+    corrupt: Corruption | None = None,
     on_row: Callable[[AlbumRow], None] | None = None,
 ) -> AlbumTable:
     """Score every pair against the album (index it first, :meth:`Album.index`)."""
     rows = []
     for pair in pairs:
-        row = evaluate_pair(pair, references[pair.name], album, upscaler, top_k)
+        row = evaluate_pair(pair, references[pair.name], album, upscaler, top_k, border, corrupt)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -231,11 +232,16 @@ class Timing:
 
 
 def time_against_album(
-    pair: Pair, album_folder: Path, cache_dir: Path | None, upscaler: Upscaler, top_k: int
+    pair: PairItem,
+    album_folder: Path,
+    cache_dir: Path | None,
+    upscaler: Upscaler,
+    top_k: int = DEFAULT_TOP_K,
+    corrupt: Corruption | None = None,
 ) -> Timing:
     """Time one target with its true reference, then against the album (whose index must be
     cached already: a fresh :class:`Album` reads it from disk, as a new run would)."""
-    _, lr, _ = lr_from_hr(load_rgb(pair.target))
+    _, lr, _ = degraded_lr(load_rgb(pair.target), corrupt)
     wall, cpu = time.perf_counter(), time.process_time()
     upscaler.upscale(lr, [pair.reference])
     true_wall, true_cpu = time.perf_counter() - wall, time.process_time() - cpu
