@@ -30,7 +30,7 @@ from ttsr.cli.common import (
     build_upscaler,
     examples,
     positive_int,
-    run_guarded,
+    run_cli,
 )
 from ttsr.evaluation import (
     EvalImages,
@@ -180,9 +180,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ttsr.cli.common import (
     add_model_arguments,
     build_upscaler,
     examples,
-    run_guarded,
+    run_cli,
 )
 from ttsr.imaging import (
     InputError,
@@ -248,9 +248,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ttsr.cli.common import (
     add_model_arguments,
     build_upscaler,
     positive_int,
-    run_guarded,
+    run_cli,
 )
 from ttsr.imaging import InputError
 from ttsr.memory import format_size
@@ -122,7 +122,7 @@ def is_loopback(listener: socket.socket) -> bool:
     return ipaddress.ip_address(listener.getsockname()[0]).is_loopback
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from ttsr.server.app import LOOPBACK_NAMES, MB, ServerSettings, create_app
@@ -160,9 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":
