@@ -4,7 +4,8 @@
     python scripts/check_wheel.py --wheel dist/ttsr-0.1.0-py3-none-any.whl
 
 Checks, failing with one line each: the wheel holds the shipped checkpoint, the VGG19 weights,
-the demo pair, their READMEs and the licence, byte for byte as in the checkout; installed with
+the demo pair, their READMEs and the licence, byte for byte as in the checkout; its size is the
+one the README states (within 0.5 MB); installed with
 ``pip install --no-deps`` into a new venv (``--system-site-packages``, to reuse the installed
 torch and the other dependencies) and run from an empty folder with no ``PYTHONPATH``, ``ttsr``
 imports from the venv, ``ttsr-infer --demo`` writes the x4 image and ``ttsr-serve`` serves its
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -45,6 +47,8 @@ SHIPPED = {
 }
 #: The demo LR is 96x64: its x4 result.
 DEMO_SR_SIZE = (384, 256)
+#: How far the wheel's size may drift from the size the README states, in MB.
+SIZE_TOLERANCE_MB = 0.5
 
 
 class CheckFailed(Exception):
@@ -99,6 +103,15 @@ def check_contents(wheel: Path) -> None:
             raise CheckFailed(f"{wheel.name} carries no LICENSE in its .dist-info")
         if any("ablation" in name for name in names):
             raise CheckFailed(f"{wheel.name} holds the ablation checkpoint, which is not shipped")
+
+
+def check_documented_size(size_mb: float) -> None:
+    """The README's "Development" section states the wheel's size: it must still be right."""
+    stated = re.search(r"py3-none-any\.whl`, \*\*([\d.]+) MB\*\*", (ROOT / "README.md").read_text())
+    if stated is None:
+        raise CheckFailed("README.md does not state the wheel's size (`...whl`, **N MB**)")
+    if abs(float(stated.group(1)) - size_mb) > SIZE_TOLERANCE_MB:
+        raise CheckFailed(f"README.md says {stated.group(1)} MB; the wheel is {size_mb:.1f} MB")
 
 
 def clean_environment() -> dict[str, str]:
@@ -228,6 +241,7 @@ def main() -> int:
             check_contents(wheel)
             size = wheel.stat().st_size
             print(f"check_wheel: {wheel.name}: {size / 1e6:.1f} MB ({size} bytes)")
+            check_documented_size(size / 1e6)
             env = clean_environment()
             venv = tmp / "venv"
             python = make_venv(venv, wheel, env)
