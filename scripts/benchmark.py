@@ -239,11 +239,13 @@ def keep_freed_memory() -> None:
 
 def build_model(search: str, optimized: bool, quick: bool) -> torch.nn.Module:
     """The released architecture (or a small one with --quick), same weights for any search."""
+    from ttsr.model.config import TTSRConfig
     from ttsr.model.ttsr import TTSR
 
     torch.manual_seed(0)
     blocks, feats = ((2, 2, 1, 1), 16) if quick else (RELEASED_BLOCKS, RELEASED_FEATS)
-    model = TTSR(blocks, feats, extractor_init="bundled", search=search)
+    config = TTSRConfig(num_res_blocks=blocks, n_feats=feats)
+    model = TTSR(config, search=search, extractor_init="bundled")
     if optimized:
         model = model.to(memory_format=torch.channels_last)
     else:

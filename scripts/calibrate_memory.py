@@ -31,11 +31,10 @@ def measure(stage: str, lr: int, ref: int, n_feats: int, tile: int | None) -> di
     import torch
 
     from ttsr.inference import Upscaler
-    from ttsr.model import search_transfer
-    from ttsr.model.ttsr import TTSR
+    from ttsr.model import TTSR, TTSRConfig, search_transfer
 
     blocks = (16, 16, 8, 4) if n_feats == 64 else (1, 1, 1, 1)
-    model = TTSR(num_res_blocks=blocks, n_feats=n_feats).eval()
+    model = TTSR(TTSRConfig(num_res_blocks=blocks, n_feats=n_feats)).eval()
     generator = torch.Generator().manual_seed(0)
 
     def noise(*shape: int) -> torch.Tensor:

@@ -187,10 +187,10 @@ def upscale_in_page(
 def random_upscaler() -> Upscaler:
     """An Upscaler with a small random model: shows the page's layout, not real results."""
     from ttsr.inference import Upscaler
-    from ttsr.model.ttsr import TTSR
+    from ttsr.model import TTSR, TTSRConfig
 
     torch.manual_seed(0)
-    model = TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8, bicubic_skip=True)
+    model = TTSR(TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8, bicubic_skip=True))
     return Upscaler(model, "cpu")
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ttsr.checkpoints import save_checkpoint
+from ttsr.model.config import TTSRConfig
 from ttsr.model.ttsr import TTSR
 
 #: Test vectors carried in the repository (each folder's README says where it comes from).
@@ -18,10 +19,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASED = FIXTURES / "released_ttsr_small"
 
 
-def tiny_model(seed: int = 0, blocks: tuple[int, ...] = (1, 1, 1, 1), **kwargs) -> TTSR:
-    """A random TTSR small enough for CPU tests (1 block per stage, 8 features)."""
+def tiny_model(
+    seed: int = 0, blocks: tuple[int, ...] = (1, 1, 1, 1), search: str = "fast", **config
+) -> TTSR:
+    """A random TTSR small enough for CPU tests (1 block per stage, 8 features); ``config``:
+    other :class:`TTSRConfig` entries."""
     torch.manual_seed(seed)
-    return TTSR(num_res_blocks=blocks, n_feats=8, **kwargs)
+    return TTSR(TTSRConfig(num_res_blocks=blocks, n_feats=8, **config), search=search)
 
 
 def write_tiny_checkpoint(folder: Path, name: str = "tiny.pt") -> Path:

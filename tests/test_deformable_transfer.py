@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ttsr import TTSR
-from ttsr.checkpoints import CheckpointError, load_checkpoint, model_config, save_checkpoint
+from ttsr.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from ttsr.model.config import TTSRConfig
 from ttsr.model.deformable_transfer import (
     DeformableTransfer,
     build_canvas,
@@ -167,9 +168,9 @@ def test_head_gives_the_same_textures_on_gpu(generator):
 # --- the TTSR model and checkpoints ---------------------------------------------------------
 
 
-def small_model(**kwargs) -> TTSR:
+def small_model(**config) -> TTSR:
     torch.manual_seed(0)
-    return TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8, **kwargs)
+    return TTSR(TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8, **config))
 
 
 def model_inputs():
@@ -197,30 +198,30 @@ def test_deformable_model_saves_and_loads_through_checkpoints(tmp_path):
     model = small_model(transfer="deformable", divisor="constant").eval()
     with torch.no_grad():  # move away from the start so that the head's weights matter
         model.deformable_transfer.lv2.offset_head[-1].weight.normal_(0, 1e-2)
-    assert model_config(model)["transfer"] == "deformable"
+    assert model.config.transfer == "deformable"
     save_checkpoint(model, tmp_path / "deformable.pt")
     loaded = load_checkpoint(tmp_path / "deformable.pt").eval()
-    assert loaded.transfer == "deformable" and loaded.divisor == "constant"
+    assert loaded.config.transfer == "deformable" and loaded.config.divisor == "constant"
     with torch.no_grad():
         torch.testing.assert_close(loaded(*model_inputs()).sr, model(*model_inputs()).sr)
 
 
 def test_hard_checkpoints_record_the_transfer_and_older_ones_still_load(tmp_path):
     model = small_model()
-    assert model_config(model)["transfer"] == "hard"
+    assert model.config.transfer == "hard"
     save_checkpoint(model, tmp_path / "hard.pt")
     content = torch.load(tmp_path / "hard.pt", weights_only=True)
     del content["config"]["transfer"]  # written before the key existed
     torch.save(content, tmp_path / "older.pt")
     loaded = load_checkpoint(tmp_path / "older.pt")
-    assert loaded.transfer == "hard" and loaded.deformable_transfer is None
+    assert loaded.config.transfer == "hard" and loaded.deformable_transfer is None
 
 
 def test_offset_groups_are_recorded_and_restored(tmp_path):
     model = small_model(transfer="deformable", offset_groups=4)
     head = model.deformable_transfer.lv1
     assert head.offset_groups == 4 and head.offset_head[-1].out_channels == 27 * 4
-    assert model_config(model)["offset_groups"] == 4
+    assert model.config.offset_groups == 4
     save_checkpoint(model, tmp_path / "groups4.pt")
     assert load_checkpoint(tmp_path / "groups4.pt").deformable_transfer.lv3.offset_groups == 4
     content = torch.load(tmp_path / "groups4.pt", weights_only=True)

@@ -83,9 +83,10 @@ def test_lean_path_can_be_switched_off_for_measurements():
 
 def test_model_inference_without_texture_maps_gives_the_same_image():
     from ttsr import TTSR
+    from ttsr.model.config import TTSRConfig
 
     torch.manual_seed(0)
-    model = TTSR((1, 1, 1, 1), 8, bicubic_skip=True).eval()
+    model = TTSR(TTSRConfig((1, 1, 1, 1), 8, bicubic_skip=True)).eval()
     generator = torch.Generator().manual_seed(4)
     lr = torch.rand(1, 3, 6, 7, generator=generator) * 2 - 1
     lrsr = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(-1, 1)

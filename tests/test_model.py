@@ -21,14 +21,16 @@ from ttsr.checkpoints import (
     save_checkpoint,
 )
 from ttsr.data.degradation import reference_pair, to_tensor, upsample
+from ttsr.model.config import TTSRConfig
 from ttsr.model.extractor import bundled_vgg_path
 
 RELEASED = Path(__file__).resolve().parent / "fixtures" / "released_ttsr_small"
 
 
-def small_model(**kwargs) -> TTSR:
+def small_model(search: str = "fast", extractor_init: str = "random", **config) -> TTSR:
     torch.manual_seed(0)
-    return TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8, **kwargs)
+    config = TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8, **config)
+    return TTSR(config, search=search, extractor_init=extractor_init)
 
 
 def inputs(batch: int, height: int, width: int, ref_height: int, ref_width: int):
@@ -198,12 +200,11 @@ def released_format_state(model: TTSR) -> dict[str, torch.Tensor]:
 
 
 def test_conversion_round_trip_of_official_format_state_dict(tmp_path):
-    model = TTSR(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant").eval()
+    model = TTSR(TTSRConfig(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant")).eval()
     official = tmp_path / "official.pt"
     torch.save(released_format_state(model), official)
     config = convert_released_checkpoint(official, tmp_path / "converted.pt")
-    assert config["num_res_blocks"] == [2, 3, 1, 2] and config["n_feats"] == 12
-    assert config["divisor"] == "constant"
+    assert config == TTSRConfig(num_res_blocks=(2, 3, 1, 2), n_feats=12, divisor="constant")
     converted = load_checkpoint(tmp_path / "converted.pt").eval()
     for key, value in model.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key
@@ -225,10 +226,11 @@ def test_conversion_reports_bad_keys_clearly(problem, message):
         convert_released_state(state)
 
 
-def test_converted_fixture_reproduces_released_outputs():
+@pytest.mark.parametrize("search", ["fast", "straightforward"])
+def test_converted_fixture_reproduces_released_outputs(search):
     state = torch.load(RELEASED / "released_format_state_dict.pt", weights_only=True)
     config, converted = convert_released_state(state)
-    model = TTSR(**config)
+    model = TTSR(config, search=search)
     model.load_state_dict(converted)
     model.eval()
     lr = np.asarray(Image.open(RELEASED / "lr.png"))
@@ -247,7 +249,7 @@ def test_checkpoint_round_trip_keeps_weights_and_architecture(tmp_path):
     model = small_model(divisor="constant", bicubic_skip=True)
     save_checkpoint(model, tmp_path / "model.pt", metadata={"note": "test"})
     loaded = load_checkpoint(tmp_path / "model.pt")
-    assert loaded.divisor == "constant" and loaded.generator.bicubic_skip
+    assert loaded.config.divisor == "constant" and loaded.generator.bicubic_skip
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ttsr import TTSR
+from ttsr import TTSR, TTSRConfig
 from ttsr.checkpoints import load_checkpoint, read_weights_only, save_checkpoint
 from ttsr.cli.train import main, warm_start
 from ttsr.training import TTSRTraining, learning_rate_factor
@@ -258,7 +258,7 @@ def test_two_process_ddp_on_cpu(workdir):
 
 def test_warm_start_of_a_deformable_run_from_hard_weights_keeps_the_head_start(tmp_path):
     torch.manual_seed(0)
-    hard = TTSR(num_res_blocks=(1, 1, 1, 1), n_feats=8)
+    hard = TTSR(TTSRConfig(num_res_blocks=(1, 1, 1, 1), n_feats=8))
     save_checkpoint(hard, tmp_path / "hard.pt")
     module = TTSRTraining(
         num_res_blocks=(1, 1, 1, 1),

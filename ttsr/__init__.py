@@ -10,6 +10,7 @@ from ttsr.model import (
     Generator,
     SearchTransfer,
     TextureExtractor,
+    TTSRConfig,
     TTSROutput,
 )
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TTSR",
+    "TTSRConfig",
     "TTSROutput",
     "Generator",
     "SearchTransfer",

@@ -1,4 +1,5 @@
-"""Checkpoint files: this project's format, weights-only loading, and released-TTSR conversion.
+"""Checkpoint files: this project's format, weights-only loading, released-TTSR conversion, and
+the shipped models (:class:`TTSRWeights`).
 
 A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_only=True``)::
 
@@ -8,6 +9,8 @@ A ttsr checkpoint is a ``torch.save`` of plain data (loadable with ``weights_onl
                 "transfer": "hard", "offset_groups": 8},
      "state_dict": {"generator.*": ..., "extractor.features.*": ...},
      "metadata": {...free text fields: source, training command...}}
+
+Files written before ``transfer`` and ``offset_groups`` existed load as the hard transfer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +29,15 @@ import torch
 from torch import Tensor
 
 from ttsr.files import atomic_write
+from ttsr.model.config import TTSRConfig
 from ttsr.model.ttsr import TTSR
 
 FORMAT_NAME = "ttsr"
 FORMAT_VERSION = 1
-CONFIG_KEYS = (
-    "num_res_blocks",
-    "n_feats",
-    "res_scale",
-    "divisor",
-    "use_texture",
-    "bicubic_skip",
-    "transfer",
-    "offset_groups",
-)
-#: Config entries added after version 1 files were written, with the value those files imply.
-OPTIONAL_CONFIG_DEFAULTS: dict[str, Any] = {"transfer": "hard", "offset_groups": 8}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, unsafe or of another model."""
-
-
-def model_config(model: TTSR) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model``'s architecture."""
-    generator = model.generator
-    return {
-        "num_res_blocks": list(generator.num_res_blocks),
-        "n_feats": generator.n_feats,
-        "res_scale": float(generator.SFE.RBs[0].res_scale) if len(generator.SFE.RBs) else 1.0,
-        "divisor": model.search_transfer.divisor,
-        "use_texture": model.use_texture,
-        "bicubic_skip": generator.bicubic_skip,
-        "transfer": model.transfer,
-        "offset_groups": model.offset_groups,
-    }
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -74,7 +54,7 @@ def save_checkpoint(
         {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "config": model_config(model),
+            "config": model.config.to_dict(),
             "state_dict": state,
             "metadata": dict(metadata or {}),
         },
@@ -120,13 +100,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if isinstance(content, dict) and any(str(k).startswith("MainNet.") for k in content):
             hint = "; it looks like a released TTSR checkpoint: convert it with ttsr-convert first"
         raise CheckpointError(f"{path} is not a ttsr checkpoint{hint}")
-    config = content.get("config", {})
-    unknown = set(config) - set(CONFIG_KEYS)
-    if unknown:
-        raise CheckpointError(f"{path}: unknown config entries {sorted(unknown)}")
-    model = TTSR(**config)
+    model = TTSR(read_config(content.get("config", {}), source=str(path)))
     load_state_strict(model, content["state_dict"], source=str(path))
     return model.to(map_location)
+
+
+def read_config(entries: Any, source: str) -> TTSRConfig:
+    """The :class:`TTSRConfig` of a checkpoint's ``config`` entries, or :class:`CheckpointError`."""
+    if not isinstance(entries, Mapping):
+        raise CheckpointError(f"{source}: the config is not a mapping")
+    try:
+        return TTSRConfig.from_dict(entries)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: {error}") from error
 
 
 def load_state_strict(model: TTSR, state: Mapping[str, Tensor], source: str) -> None:
@@ -170,7 +156,7 @@ def _count_blocks(state: Mapping[str, Tensor], prefix: str) -> int:
 
 def convert_released_state(
     state: Mapping[str, Any], res_scale: float = 1.0
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+) -> tuple[TTSRConfig, dict[str, Tensor]]:
     """Map a released TTSR state dict (``MainNet.*``, ``LTE.*``, ``LTE_copy.*``) to ours.
 
     Returns ``(config, state_dict)``. Block counts and width are read from the keys and shapes;
@@ -186,14 +172,14 @@ def convert_released_state(
     if "MainNet.SFE.conv_head.weight" not in state:
         raise CheckpointError("no MainNet.SFE.conv_head.weight: not a released TTSR state dict")
     n_feats = int(state["MainNet.SFE.conv_head.weight"].shape[0])
-    config = {
-        "num_res_blocks": [_count_blocks(state, p) for p in _COUNTED_BLOCKS],
-        "n_feats": n_feats,
-        "res_scale": float(res_scale),
-        "divisor": "constant",
-        "use_texture": True,
-        "bicubic_skip": False,
-    }
+    config = TTSRConfig(
+        num_res_blocks=tuple(_count_blocks(state, p) for p in _COUNTED_BLOCKS),
+        n_feats=n_feats,
+        res_scale=float(res_scale),
+        divisor="constant",
+        use_texture=True,
+        bicubic_skip=False,
+    )
     converted: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
@@ -207,7 +193,7 @@ def convert_released_state(
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"unknown keys in a released TTSR state dict: {_abbreviate(unknown)}")
-    model = TTSR(**config)
+    model = TTSR(config)
     for name, buffer in model.state_dict().items():  # normalisation buffers are ours
         if name.startswith("extractor.") and name.split(".")[-1] in ("mean", "std"):
             converted[name] = buffer
@@ -217,7 +203,7 @@ def convert_released_state(
 
 def convert_released_checkpoint(
     source: str | Path, destination: str | Path, res_scale: float = 1.0
-) -> dict[str, Any]:
+) -> TTSRConfig:
     """Convert a released TTSR ``.pt`` file into a ttsr checkpoint; returns its config."""
     content = read_weights_only(source)
     if (
@@ -227,7 +213,7 @@ def convert_released_checkpoint(
     ):
         content = content["state_dict"]
     config, state = convert_released_state(content, res_scale=res_scale)
-    model = TTSR(**config)
+    model = TTSR(config)
     model.load_state_dict(state)
     save_checkpoint(
         model,
@@ -235,3 +221,89 @@ def convert_released_checkpoint(
         metadata={"converted_from": Path(source).name, "source_format": "researchmm/TTSR"},
     )
     return config
+
+
+# --- shipped weights ----------------------------------------------------------------------------
+
+#: How every shipped model takes its inputs (:mod:`ttsr.data.degradation`).
+TTSR_PREPROCESSING = (
+    "RGB in [-1, 1]; LR-up: the PIL bicubic x4 of the LR; each reference cropped at the "
+    "bottom/right to sides divisible by 4 and paired with its PIL bicubic x4 down-up version"
+)
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """One shipped model, described once: what it is, how it was made and how it scores.
+
+    ``file`` is a name in the package's ``pretrained`` folder (``checkpoints/`` in the source
+    tree); ``config`` is the architecture the file holds; ``metrics`` are Y-PSNR figures (dB, no
+    border crop) named ``{data set}_{reference}_{figure}``; ``recipe`` says where the training
+    recipe is.
+    """
+
+    name: str
+    file: str
+    config: TTSRConfig
+    recipe: str
+    metrics: Mapping[str, float]
+    preprocessing: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        """Where the file is installed (it may be missing: see :meth:`load`)."""
+        return Path(str(resources.files("ttsr") / "pretrained" / self.file))
+
+    def load(self, map_location: str | torch.device = "cpu") -> TTSR:
+        """The model, weights-only; :class:`CheckpointError` when its file is not installed."""
+        if not self.path.is_file():
+            raise CheckpointError(
+                f"the {self.name!r} model ({self.path}) is not installed in this build; choose "
+                f"another of {', '.join(w.value.name for w in TTSRWeights)} or pass a checkpoint "
+                "file"
+            )
+        return load_checkpoint(self.path, map_location)
+
+
+class TTSRWeights(Enum):
+    """The shipped models, by name (``TTSRWeights.get("bicubic").load()``)."""
+
+    REAL = ShippedWeights(
+        name="real",
+        file="ttsr_real.pt",
+        config=TTSRConfig(num_res_blocks=(16, 16, 2, 1), n_feats=48, bicubic_skip=True),
+        recipe="the bicubic model fine-tuned on real-world degradations of the LR (blur, "
+        "resampling, noise, JPEG) and harder references; checkpoints/README.md",
+        metrics={},
+        preprocessing=TTSR_PREPROCESSING,
+        description="for real photos: JPEG'd or noisy inputs, references from another view or day",
+    )
+    BICUBIC = ShippedWeights(
+        name="bicubic",
+        file="ttsr_demo.pt",
+        config=TTSRConfig(num_res_blocks=(16, 16, 2, 1), n_feats=48, bicubic_skip=True),
+        recipe="configs/demo.yaml, 5000 steps on BSDS200 + T91 with synthetic references; "
+        "checkpoints/README.md",
+        metrics={
+            "set5_lr_psnr": 31.12,
+            "set14_lr_psnr": 27.69,
+            "bsd100_lr_psnr": 27.25,
+            "kodak24_lr_psnr": 28.18,
+            "bsd100_lr_gain": 1.27,
+            "kodak24_lr_gain": 1.28,
+        },
+        preprocessing=TTSR_PREPROCESSING,
+        description="the research protocol: LR by PIL bicubic x4 of a clean image",
+    )
+    #: What ``Upscaler.from_checkpoint()`` and the command-line tools use when not told.
+    DEFAULT = BICUBIC
+
+    @classmethod
+    def get(cls, name: str) -> ShippedWeights:
+        """The shipped model called ``name`` (``"real"``, ``"bicubic"``), or ``ValueError``."""
+        for member in cls:
+            if member.value.name == name:
+                return member.value
+        names = ", ".join(member.value.name for member in cls)
+        raise ValueError(f"unknown model {name!r}; the shipped models are {names}")

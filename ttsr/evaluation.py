@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ttsr import visualize
-from ttsr.data.degradation import SCALE, lr_from_hr
+from ttsr.data.degradation import SCALE, lr_from_hr, upsample
 from ttsr.imaging import (
     InputError,
     image_size,
@@ -42,6 +42,8 @@ from ttsr.metrics import psnr_y, ssim_y
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE
 
 RefMode = Literal["cufed", "lr", "hr", "dir", "files"]
+#: A corruption of the LR after the bicubic downscale (e.g. ``LRCorruption(jpeg=75)``).
+Corruption = Callable[[np.ndarray], np.ndarray]
 CUFED_LEVELS = (1, 2, 3, 4, 5)
 _CUFED_HR = re.compile(r"^(\d+)_0$")
 
@@ -156,11 +158,23 @@ def check_item(item: EvalItem, upscaler: Upscaler | None, border: int = 0) -> No
         )
 
 
+def degraded_lr(
+    hr: np.ndarray, corrupt: Corruption | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(hr_cropped, lr, lrsr)`` as :func:`~ttsr.data.degradation.lr_from_hr`, the LR then
+    corrupted by ``corrupt`` (if given) and the bicubic LR-up made from the corrupted LR."""
+    hr, lr, lrsr = lr_from_hr(hr)
+    if corrupt is None:
+        return hr, lr, lrsr
+    lr = corrupt(lr)
+    return hr, lr, upsample(lr)
+
+
 def evaluate_item(
-    item: EvalItem, upscaler: Upscaler | None, border: int = 0
+    item: EvalItem, upscaler: Upscaler | None, border: int = 0, corrupt: Corruption | None = None
 ) -> tuple[EvalRow, EvalImages]:
-    """Score bicubic (and the model, if given) on one item."""
-    hr, lr, bicubic = lr_from_hr(load_rgb(item.hr))
+    """Score bicubic (and the model, if given) on one item, its LR corrupted by ``corrupt``."""
+    hr, lr, bicubic = degraded_lr(load_rgb(item.hr), corrupt)
     if item.ref_mode == "lr":
         references: tuple[np.ndarray, ...] = (lr,)
     elif item.ref_mode == "hr":
@@ -189,10 +203,12 @@ class EvalTable:
     settings: dict[str, object] = field(default_factory=dict)
 
     COLUMNS = ("bicubic_psnr", "bicubic_ssim", "ttsr_psnr", "ttsr_ssim")
+    #: Names of the methods whose ``<method>_psnr`` columns the summary chart shows.
+    LABELS = {"bicubic": "bicubic", "ttsr": "TTSR"}
 
     def columns(self) -> tuple[str, ...]:
-        has_model = any(r.ttsr_psnr is not None for r in self.rows)
-        return self.COLUMNS if has_model else self.COLUMNS[:2]
+        """The columns measured (model columns are left out when only bicubic was)."""
+        return tuple(c for c in self.COLUMNS if any(getattr(r, c) is not None for r in self.rows))
 
     def mean(self) -> dict[str, float]:
         """Mean of every column over the images (PSNR of identical images is ``inf``)."""
@@ -251,13 +267,14 @@ def evaluate(
     upscaler: Upscaler | None,
     border: int = 0,
     on_image: Callable[[EvalRow, EvalImages], None] | None = None,
+    corrupt: Corruption | None = None,
 ) -> EvalTable:
     """Score every item; ``on_image`` sees each row and its images (for grids, progress)."""
     if border < 0:
         raise InputError(f"border must be >= 0, got {border}")
     table = EvalTable()
     for item in items:
-        row, images = evaluate_item(item, upscaler, border)
+        row, images = evaluate_item(item, upscaler, border, corrupt)
         table.rows.append(row)
         if on_image is not None:
             on_image(row, images)
@@ -277,10 +294,13 @@ def comparison_grid(row: EvalRow, images: EvalImages) -> Image.Image:
 
 
 def summary_chart(table: EvalTable, title: str) -> Image.Image:
-    """Per-image Y-PSNR of bicubic and the model, and their means, as a bar chart."""
+    """Per-image Y-PSNR of each method measured, and their means, as a bar chart."""
     names = [r.image for r in table.rows] + ["mean"]
     mean = table.mean()
-    series = {"bicubic": [r.bicubic_psnr for r in table.rows] + [mean["bicubic_psnr"]]}
-    if "ttsr_psnr" in mean:
-        series["TTSR"] = [r.ttsr_psnr or math.nan for r in table.rows] + [mean["ttsr_psnr"]]
+    series = {}
+    for method, label in table.LABELS.items():
+        column = f"{method}_psnr"
+        if column in mean:
+            values = [getattr(r, column) for r in table.rows]
+            series[label] = [math.nan if v is None else v for v in values] + [mean[column]]
     return visualize.bar_chart(names, series, title)

@@ -16,11 +16,9 @@ result up to float rounding.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 from PIL import Image
 
 from ttsr import visualize
-from ttsr.checkpoints import CheckpointError, load_checkpoint
+from ttsr.checkpoints import CheckpointError, TTSRWeights, load_checkpoint
 from ttsr.data.degradation import SCALE, reference_pair, to_tensor, to_uint8, upsample
 from ttsr.imaging import (
     ImageSource,
@@ -47,6 +45,7 @@ from ttsr.memory import (
 )
 from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
+from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -59,19 +58,9 @@ MIN_TILE_CORE = 8
 Progress = Callable[[int, int], None]
 
 
-#: File name of the checkpoint shipped in the package (``ttsr/pretrained``, a link to
-#: ``checkpoints/`` in the source tree).
-SHIPPED_CHECKPOINT = "ttsr_demo.pt"
-
-
 def default_checkpoint_path() -> Path:
-    """Where the checkpoint shipped with the package lives (it may not be installed)."""
-    return Path(str(resources.files("ttsr") / "pretrained" / SHIPPED_CHECKPOINT))
-
-
-def fast_search_available() -> bool:
-    """Whether :mod:`ttsr.model.fast_search_transfer` (bounded-memory search) is installed."""
-    return importlib.util.find_spec("ttsr.model.fast_search_transfer") is not None
+    """Where the default shipped model's file lives (it may not be installed)."""
+    return TTSRWeights.DEFAULT.value.path
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -246,6 +235,8 @@ class Upscaler:
         max_memory: budget in bytes for one run; ``None``: half of the available memory.
         tile_size: force LR tile cores of this size (pixels); ``None``: as large as the budget
             allows (the whole image when it fits).
+        reference_alignment: match each reference's colours to the LR's before the search
+            (:mod:`ttsr.reference_alignment`): ``"none"``, ``"meanstd"`` or ``"histogram"``.
     """
 
     def __init__(
@@ -254,22 +245,22 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> None:
+        if reference_alignment not in ALIGNMENTS:
+            raise InputError(
+                f"unknown reference alignment {reference_alignment!r}; use one of "
+                + ", ".join(ALIGNMENTS)
+            )
+        self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
-        self.search_implementation = "straightforward"
-        if fast_search_available():
-            try:
-                model.set_search("fast")
-                self.search_implementation = "fast"
-            except ImportError:  # present but unusable here: keep the definition
-                model.set_search("straightforward")
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
             raise InputError(f"tile size must be at least 1 LR pixel, got {tile_size}")
         self.tile_size = tile_size
         generator = model.generator
-        self.margin = receptive_radius(generator.num_res_blocks, model.use_texture)
+        self.margin = receptive_radius(generator.num_res_blocks, model.config.use_texture)
         self._weight_bytes = _weight_bytes(model)
 
     @classmethod
@@ -279,6 +270,7 @@ class Upscaler:
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
+        reference_alignment: Alignment = "none",
     ) -> Upscaler:
         """Load a ttsr checkpoint (weights only); ``None``: the checkpoint shipped with ttsr."""
         if path is None:
@@ -288,7 +280,7 @@ class Upscaler:
                     f"the checkpoint shipped with ttsr ({path}) is not installed in this build; "
                     "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
                 )
-        return cls(load_checkpoint(path), device, max_memory, tile_size)
+        return cls(load_checkpoint(path), device, max_memory, tile_size, reference_alignment)
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -307,8 +299,8 @@ class Upscaler:
             reference_sizes,
             n_feats=self.model.generator.n_feats,
             weight_bytes=self._weight_bytes,
-            use_texture=self.model.use_texture,
-            implementation=self.search_implementation,
+            use_texture=self.model.config.use_texture,
+            implementation=self.model.search,
         )
 
     def plan(
@@ -371,7 +363,7 @@ class Upscaler:
     ) -> TilePlan:
         """Validate inputs from their headers (no decoding) and plan the run."""
         references = _as_list(refs)
-        if self.model.use_texture and not references:
+        if self.model.config.use_texture and not references:
             raise InputError("give at least one reference image")
         lr_size = image_size(lr)
         require_min_side(lr_size, MIN_LR_SIDE, describe(lr), "low-resolution input")
@@ -383,12 +375,22 @@ class Upscaler:
         return self.plan(lr_size, reference_sizes)
 
     def prepare(
-        self, lr: ImageSource, refs: ImageSource | Sequence[ImageSource] | None
+        self,
+        lr: ImageSource,
+        refs: ImageSource | Sequence[ImageSource] | None,
+        alignment: Alignment | None = None,
     ) -> PreparedInputs:
-        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up)."""
+        """Decode the images and make TTSR's inputs (LR-up, cropped references, Ref-down-up).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
+        """
+        alignment = self.reference_alignment if alignment is None else alignment
         lr_rgb = load_rgb(lr)
         lrsr_rgb = upsample(lr_rgb)
-        pairs = [reference_pair(load_rgb(ref)) for ref in _as_list(refs)]
+        pairs = [
+            reference_pair(align_reference(load_rgb(ref), lr_rgb, alignment))
+            for ref in _as_list(refs)
+        ]
         inputs = PreparedInputs(
             lr=to_tensor(lr_rgb)[None],
             lrsr=to_tensor(lrsr_rgb)[None],
@@ -397,7 +399,7 @@ class Upscaler:
             lrsr_rgb=lrsr_rgb,
             references_rgb=tuple(ref for ref, _ in pairs),
         )
-        if self.model.use_texture:
+        if self.model.config.use_texture:
             check_inputs(inputs.lr, inputs.lrsr, inputs.refs, inputs.refsrs)
         return inputs
 
@@ -406,17 +408,20 @@ class Upscaler:
         lr: ImageSource,
         refs: ImageSource | Sequence[ImageSource] | None,
         progress: Progress | None = None,
+        alignment: Alignment | None = None,
     ) -> UpscaleResult:
         """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays).
+
+        ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
 
         Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
         or a run that does not fit the memory budget, before any heavy work.
         """
         self.check_sizes(lr, refs)  # refuses early, from the headers
-        inputs = self.prepare(lr, refs)
+        inputs = self.prepare(lr, refs, alignment)
         plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
         output = self.run(inputs, plan, progress)
-        references = inputs.references_rgb if self.model.use_texture else ()
+        references = inputs.references_rgb if self.model.config.use_texture else ()
         correspondence = None
         if output.index is not None:
             correspondence = Correspondence.from_index(
@@ -438,7 +443,7 @@ class Upscaler:
         """Run the network tile by tile: reference features once, LR-up cropped per tile."""
         device = self.device
         height, width = inputs.lr.shape[-2:]
-        use_texture = self.model.use_texture
+        use_texture = self.model.config.use_texture
         features = None
         if use_texture:
             features = self.model.extract_reference_features(

@@ -13,9 +13,7 @@ generator steps (batches).
 from __future__ import annotations
 
 import math
-import shlex
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +27,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchvision.utils import make_grid
 
 from ttsr.checkpoints import (
-    CONFIG_KEYS,
-    OPTIONAL_CONFIG_DEFAULTS,
     CheckpointError,
     atomic_torch_save,
     load_state_strict,
+    read_config,
     read_weights_only,
     save_checkpoint,
 )
@@ -48,8 +45,8 @@ from ttsr.losses import (
     transferal_perceptual_loss,
 )
 from ttsr.metrics import psnr_y, ssim_y
+from ttsr.model.config import CONFIG_ENTRIES, DEFAULT_BLOCKS, TTSRConfig
 from ttsr.model.discriminator import Discriminator
-from ttsr.model.generator import DEFAULT_BLOCKS
 from ttsr.model.ttsr import TTSR, TTSROutput
 
 LearningRateDecay = Literal["none", "step", "cosine"]
@@ -84,7 +81,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class TTSRTraining(L.LightningModule):
     """TTSR with its training losses, optimisers and validation metrics.
 
-    Model args are those of :class:`ttsr.model.TTSR` (``extractor_init`` only matters for a new
+    Model args: the entries of :class:`~ttsr.model.config.TTSRConfig`, flat (so that a YAML
+    config and a training checkpoint's hyper-parameters name them directly), and the ``search``
+    and ``extractor_init`` of :class:`ttsr.model.TTSR` (``extractor_init`` only matters for a new
     run: resuming and exporting load the trained weights). Loss weights: ``rec_weight`` (L1),
     ``per_weight`` (VGG19 relu5_1), ``tpl_weight`` (transferal perceptual), ``adv_weight``
     (WGAN-GP); a zero weight leaves its network unbuilt (no VGG19 without ``per_weight``, no
@@ -114,7 +113,7 @@ class TTSRTraining(L.LightningModule):
         extractor_init: str = "bundled",
         use_texture: bool = True,
         bicubic_skip: bool = False,
-        search: str = "straightforward",
+        search: str = "fast",
         transfer: str = "hard",
         offset_groups: int = 8,
         rec_weight: float = DEFAULT_WEIGHTS.reconstruction,
@@ -145,24 +144,18 @@ class TTSRTraining(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = TTSR(
-            num_res_blocks,
-            n_feats,
-            res_scale,
-            divisor,
-            extractor_init,
-            use_texture,
-            bicubic_skip,
-            search,
-            transfer,
-            offset_groups,
+            architecture(self.hparams, source="the model arguments"),
+            search=search,
+            extractor_init=extractor_init,
         )
         if not use_texture or extractor_lr == 0:
             # unused, or frozen by the recipe: keep it out of autograd, DDP and Adam
             self.model.extractor.requires_grad_(False)
         self.perceptual = PerceptualLoss(perceptual_init) if per_weight else None
         self.discriminator = Discriminator(discriminator_size) if adv_weight else None
-        #: Training commands of this run, oldest first (kept in checkpoints, copied on export).
-        self.commands: list[str] = [shlex.join(["ttsr-train", *sys.argv[1:]])]
+        #: Training commands of this run, oldest first (kept in checkpoints, copied on export);
+        #: the command-line interface sets the current one.
+        self.commands: list[str] = []
 
     # --- optimisation --------------------------------------------------------------------------
 
@@ -329,6 +322,11 @@ class TTSRTraining(L.LightningModule):
         self.commands = [*earlier, *self.commands[-1:]]
 
 
+def architecture(hparams: Mapping[str, Any], source: str) -> TTSRConfig:
+    """The :class:`TTSRConfig` among flat hyper-parameters (entries added later may be absent)."""
+    return read_config({k: hparams[k] for k in CONFIG_ENTRIES if k in hparams}, source)
+
+
 def fit_inside(image: Tensor, size: Sequence[int]) -> Tensor:
     """Resize ``[3, h, w]`` to fit ``size`` keeping its aspect, padded with black (display)."""
     height, width = int(size[0]), int(size[1])
@@ -352,15 +350,7 @@ def export_weights(
     if not isinstance(content, dict) or "state_dict" not in content:
         raise CheckpointError(f"{lightning_checkpoint} is not a Lightning training checkpoint")
     hparams = content.get("hyper_parameters") or {}
-    hparams = {**OPTIONAL_CONFIG_DEFAULTS, **hparams}
-    missing = [k for k in CONFIG_KEYS if k not in hparams]
-    if missing:
-        raise CheckpointError(
-            f"{lightning_checkpoint} is not a ttsr training checkpoint (no {', '.join(missing)})"
-        )
-    config = {k: hparams[k] for k in CONFIG_KEYS}
-    config["num_res_blocks"] = [int(n) for n in config["num_res_blocks"]]
-    model = TTSR(**config)
+    model = TTSR(architecture(hparams, source=f"{lightning_checkpoint} (a training checkpoint)"))
     state = {
         k.removeprefix("model."): v
         for k, v in content["state_dict"].items()
@@ -370,7 +360,7 @@ def export_weights(
     training = {
         k: v
         for k, v in hparams.items()
-        if k not in CONFIG_KEYS and not k.startswith("_") and isinstance(v, str | int | float)
+        if k not in CONFIG_ENTRIES and not k.startswith("_") and isinstance(v, str | int | float)
     }
     metadata = {
         "source": "ttsr-train",

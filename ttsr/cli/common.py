@@ -18,6 +18,7 @@ from ttsr.checkpoints import CheckpointError
 from ttsr.imaging import InputError
 from ttsr.inference import Upscaler
 from ttsr.memory import parse_size
+from ttsr.reference_alignment import ALIGNMENTS
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -142,6 +143,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "is refused before it starts",
     )
     group.add_argument(
+        "--align-ref",
+        choices=ALIGNMENTS,
+        default="none",
+        help="match each reference's colours and exposure to the input's before the search, in "
+        "CIE Lab: meanstd (mean and spread per channel), histogram, or none (default: none)",
+    )
+    group.add_argument(
         "--tile",
         type=positive_int,
         metavar="PIXELS",
@@ -164,5 +172,9 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 def build_upscaler(args: argparse.Namespace) -> Upscaler:
     """The :class:`Upscaler` described by :func:`add_model_arguments` options."""
     return Upscaler.from_checkpoint(
-        args.checkpoint, device=args.device, max_memory=args.max_memory, tile_size=args.tile
+        args.checkpoint,
+        device=args.device,
+        max_memory=args.max_memory,
+        tile_size=args.tile,
+        reference_alignment=args.align_ref,
     )

@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     destination = check_writable(Path(args.destination), image=False)
     config = convert_released_checkpoint(args.source, destination, res_scale=args.res_scale)
-    blocks = "+".join(str(n) for n in config["num_res_blocks"])
+    blocks = "+".join(str(n) for n in config.num_res_blocks)
     print(
-        f"{PROG}: wrote {destination} (blocks {blocks}, n_feats {config['n_feats']}, "
-        f"res_scale {config['res_scale']}, divisor {config['divisor']})"
+        f"{PROG}: wrote {destination} (blocks {blocks}, n_feats {config.n_feats}, "
+        f"res_scale {config.res_scale}, divisor {config.divisor})"
     )
     return EXIT_OK
 

@@ -8,9 +8,14 @@
     ttsr-eval --hr left.png --ref right.png              # one HR image and its reference(s)
     ttsr-eval --hr left.png --ref-mode lr                # one HR image, its LR as reference
     ttsr-eval data/val/bsd100 --bicubic-only --limit 10  # the bicubic baseline only
+    ttsr-eval data/val/kodak24 --jpeg 75                 # the LR saved as JPEG quality 75
+    ttsr-eval --pairs data/pairs --jpeg 75               # NAME/target.png + NAME/ref.png pairs
 
 HR images are cropped to a multiple of 4 and taken down x4 with PIL bicubic; scores are on the
-BT.601 luma of 8-bit images, with no border crop unless --border says so. The table is printed and
+BT.601 luma of 8-bit images, with no border crop unless --border says so. --blur, --noise and --jpeg
+corrupt the LR after the downscale, in that order, as photos people bring are; bicubic then
+upscales the corrupted LR. With --pairs, each pair is scored three ways: bicubic, the model with
+the LR as its own reference, and the model with the real reference. The table is printed and
 written to OUT/results.json and OUT/results.csv.
 """
 
@@ -32,10 +37,12 @@ from ttsr.cli.common import (
     positive_int,
     run_cli,
 )
+from ttsr.data.real_degradation import LRCorruption
 from ttsr.evaluation import (
     EvalImages,
     EvalItem,
     EvalRow,
+    EvalTable,
     check_item,
     comparison_grid,
     cufed_items,
@@ -46,6 +53,14 @@ from ttsr.evaluation import (
     summary_chart,
 )
 from ttsr.imaging import InputError, check_writable, save_image, write_atomic
+from ttsr.pair_evaluation import (
+    PairImages,
+    PairRow,
+    check_pair,
+    evaluate_pairs,
+    pair_grid,
+    pairs_folder_items,
+)
 
 PROG = "ttsr-eval"
 
@@ -77,7 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     refs.add_argument("--ref-dir", metavar="DIR", help="references matched to HR images by stem")
     refs.add_argument("--hr", metavar="FILE", help="evaluate one HR file (with --ref)")
     refs.add_argument(
+        "--pairs",
+        metavar="DIR",
+        help="a folder of real pairs NAME/target.png + NAME/ref.png: scores bicubic, the LR as its "
+        "own reference and the real reference, per pair and on average",
+    )
+    refs.add_argument(
         "--ref", metavar="FILE", action="append", default=[], help="reference of --hr (repeatable)"
+    )
+    corruption = parser.add_argument_group(
+        "corruption of the LR, after the bicubic downscale (in this order: blur, noise, JPEG)"
+    )
+    corruption.add_argument(
+        "--blur",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SIGMA",
+        help="Gaussian blur of this sigma, in LR pixels (default: 0, none)",
+    )
+    corruption.add_argument(
+        "--noise",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SIGMA",
+        help="Gaussian colour noise of this standard deviation, in 0-255 units (default: 0, none)",
+    )
+    corruption.add_argument(
+        "--jpeg",
+        type=jpeg_quality,
+        metavar="Q",
+        help="save the LR as JPEG at quality Q (1-100, PIL, 4:2:0) and decode it (default: none)",
+    )
+    corruption.add_argument(
+        "--seed", type=int, default=0, help="seed of the --noise (default: 0, reproducible)"
     )
     protocol = parser.add_argument_group("protocol and outputs")
     protocol.add_argument(
@@ -107,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_debug_argument(parser)
     return parser
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for sigmas."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def jpeg_quality(text: str) -> int:
+    """argparse type for ``--jpeg``."""
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"expected a JPEG quality 1..100, got {text!r}")
+    return int(text)
 
 
 def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[EvalItem]:
@@ -142,31 +207,75 @@ def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return folder_items(folder, mode)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Evaluate, print the table, write JSON/CSV and the requested pictures."""
-    if args.border < 0:
-        parser.error("--border must be 0 or more")
+def corruption_of(args: argparse.Namespace) -> LRCorruption | None:
+    """The LR corruption the options ask for (``None``: the clean bicubic LR)."""
+    corruption = LRCorruption(blur=args.blur, noise=args.noise, jpeg=args.jpeg, seed=args.seed)
+    return None if corruption.is_identity else corruption
+
+
+def _evaluate(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path
+) -> tuple[EvalTable, str]:
+    """Check every input from its header, then score it; returns the table and the unit."""
+    corruption = corruption_of(args)
+    if args.pairs:
+        pairs = pairs_folder_items(Path(args.pairs))[: args.limit]
+        upscaler = None if args.bicubic_only else build_upscaler(args)
+        for pair in pairs:  # sizes and memory budget from the headers, before any heavy work
+            check_pair(pair, upscaler, args.border)
+        with progress_bar(len(pairs), "pair") as bar:
+
+            def on_pair(row: PairRow, images: PairImages) -> None:
+                if args.save_grids:
+                    save_image(pair_grid(row, images), out / "grids" / f"{row.image}.png")
+                bar.update(1)
+
+            table = evaluate_pairs(pairs, upscaler, args.border, corruption, on_pair)
+        return table, "pair"
     items = collect_items(args, parser)[: args.limit]
-    out = Path(args.out)
-    check_writable(out / "results.json", image=False)
     upscaler = None if args.bicubic_only else build_upscaler(args)
-    for item in items:  # sizes and memory budget from the headers, before any heavy work
+    for item in items:
         check_item(item, upscaler, args.border)
-    with tqdm(total=len(items), unit="image", file=sys.stderr, disable=None) as bar:
+    with progress_bar(len(items), "image") as bar:
 
         def on_image(row: EvalRow, images: EvalImages) -> None:
             if args.save_grids:
                 save_image(comparison_grid(row, images), out / "grids" / f"{row.image}.png")
             bar.update(1)
 
-        table = evaluate(items, upscaler, args.border, on_image)
+        table = evaluate(items, upscaler, args.border, on_image, corruption)
     table.settings = {
-        "dataset": str(args.dataset or args.hr),
         "references": items[0].ref_mode if items else None,
         "ref_level": args.ref_level if items and items[0].ref_mode == "cufed" else None,
+    }
+    return table, "image"
+
+
+def progress_bar(total: int, unit: str) -> tqdm:
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=None)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Evaluate, print the table, write JSON/CSV and the requested pictures."""
+    if args.border < 0:
+        parser.error("--border must be 0 or more")
+    if args.pairs and (args.dataset or args.hr or args.ref or args.ref_dir):
+        parser.error("--pairs evaluates a folder of pairs: leave out the dataset, --hr and --ref")
+    out = Path(args.out)
+    check_writable(out / "results.json", image=False)
+    table, unit = _evaluate(args, parser, out)
+    corruption = corruption_of(args)
+    table.settings = {
+        "dataset": str(args.pairs or args.dataset or args.hr),
+        "references": "pairs" if args.pairs else None,
+        **table.settings,
         "border": args.border,
-        "checkpoint": None if upscaler is None else str(args.checkpoint or "shipped"),
-        "protocol": "HR cropped to a multiple of 4, PIL bicubic x4 down; Y (BT.601) PSNR/SSIM",
+        "lr_corruption": corruption.tag if corruption else None,
+        "seed": args.seed if args.noise else None,
+        "checkpoint": None if args.bicubic_only else str(args.checkpoint or "shipped"),
+        "reference_alignment": None if args.bicubic_only else args.align_ref,
+        "protocol": "HR cropped to a multiple of 4, PIL bicubic x4 down, then the LR corruption "
+        "(blur, noise, JPEG); Y (BT.601) PSNR/SSIM",
     }
     print(table.format())
     write_atomic(out / "results.json", table.to_json().encode())
@@ -174,7 +283,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.save_summary:
         title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
         save_image(summary_chart(table, title), out / "summary.png")
-    count = f"{len(table.rows)} image{'s' * (len(table.rows) != 1)}"
+    count = f"{len(table.rows)} {unit}{'s' * (len(table.rows) != 1)}"
     print(f"{PROG}: {count}; results in {out}/results.json and results.csv")
     return EXIT_OK
 

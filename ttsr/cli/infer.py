@@ -224,7 +224,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for kind, path in extra_outputs(job.out, args).items():
             check_writable(path, image=kind not in DATA_EXTRAS)
     upscaler = build_upscaler(args)
-    if not upscaler.model.use_texture and (
+    if not upscaler.model.config.use_texture and (
         args.save_attention or args.save_correspondence or args.save_flow
     ):
         raise InputError("this checkpoint's model uses no references: it has no attention to save")

@@ -17,6 +17,7 @@ from ttsr.data.datasets import (
     ValidationDataset,
 )
 from ttsr.data.degradation import reference_pair, to_tensor, to_uint8
+from ttsr.data.real_degradation import DegradationOptions, LRCorruption
 from ttsr.data.synthetic import SyntheticOptions
 
 
@@ -62,6 +63,8 @@ class TTSRDataModule(L.LightningDataModule):
         patch_size: HR training patch side (multiple of 16); references have the same side.
         synthetic: how synthetic references are drawn.
         repeats: visits of each synthetic-layout photo per epoch (an epoch's length).
+        degradation: a random real-world LR degradation for training samples
+            (:mod:`ttsr.data.real_degradation`); ``None``: the research protocol's PIL bicubic x4.
         lr_reference_probability: share of training batches whose reference is their own LR
             patch (see :class:`TrainingCollate`).
         val_layout: ``"folder"``: ``val_dirs`` hold HR images; ``"cufed5"``: ``val_dirs`` is one
@@ -71,6 +74,8 @@ class TTSRDataModule(L.LightningDataModule):
             own reference), ``"hr"`` (HR as reference) or a folder of references named like the
             HR images; ``"cufed5"`` layout: reference levels ``"1"`` .. ``"5"``.
         val_limit: use only the first ``val_limit`` validation images (by name).
+        val_corruption: also validate every ``"folder"``-layout set with this corruption of the
+            LR (metrics named after its tag, e.g. ``val_lr_jpeg75/psnr``).
         test_layout: ``"cufed5"`` (``test_dir`` in CUFED5's layout) or ``"folder"`` (HR images
             with ``test_reference`` as in ``val_references``).
         test_dir: the test folder.
@@ -87,11 +92,13 @@ class TTSRDataModule(L.LightningDataModule):
         patch_size: int = 160,
         synthetic: SyntheticOptions | None = None,
         repeats: int = 1,
+        degradation: DegradationOptions | None = None,
         lr_reference_probability: float = 0.0,
         val_layout: Literal["folder", "cufed5"] = "folder",
         val_dirs: Sequence[str] = (),
         val_references: Sequence[str] = ("lr",),
         val_limit: int | None = None,
+        val_corruption: LRCorruption | None = None,
         test_layout: Literal["cufed5", "folder"] = "cufed5",
         test_dir: str | None = None,
         test_level: int = 1,
@@ -105,11 +112,13 @@ class TTSRDataModule(L.LightningDataModule):
         self.patch_size = patch_size
         self.synthetic = synthetic or SyntheticOptions()
         self.repeats = repeats
+        self.degradation = degradation
         self.collate = TrainingCollate(lr_reference_probability)
         self.val_layout = val_layout
         self.val_dirs = list(val_dirs)
         self.val_references = list(val_references)
         self.val_limit = val_limit
+        self.val_corruption = val_corruption
         self.test_layout = test_layout
         self.test_dir = test_dir
         self.test_level = test_level
@@ -125,6 +134,11 @@ class TTSRDataModule(L.LightningDataModule):
             self.train_set = self._train_dataset()
         if stage in ("fit", "validate") and not self.val_sets and self.val_dirs:
             self.val_sets = [self._val_dataset(reference) for reference in self.val_references]
+            if self.val_corruption is not None and self.val_layout == "folder":
+                self.val_sets += [
+                    ValidationDataset(self.val_dirs, reference, self.val_limit, self.val_corruption)
+                    for reference in self.val_references
+                ]
         if stage == "validate" and not self.val_dirs:
             raise ValueError("validate needs data.val_dirs")
         if stage == "test" and self.test_set is None:
@@ -135,11 +149,15 @@ class TTSRDataModule(L.LightningDataModule):
             raise ValueError("fit needs data.train_dirs (folders of training images)")
         if self.train_layout == "synthetic":
             return SyntheticReferenceDataset(
-                self.train_dirs, self.patch_size, self.synthetic, self.repeats
+                self.train_dirs,
+                self.patch_size,
+                self.synthetic,
+                self.repeats,
+                degradation=self.degradation,
             )
         if len(self.train_dirs) != 1:
             raise ValueError("the cufed layout takes one train_dirs entry: the CUFED train root")
-        return CufedTrainDataset(self.train_dirs[0], self.patch_size)
+        return CufedTrainDataset(self.train_dirs[0], self.patch_size, degradation=self.degradation)
 
     def _val_dataset(self, reference: str) -> Dataset:
         if self.val_layout == "folder":

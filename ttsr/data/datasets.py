@@ -20,7 +20,15 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ttsr.data.degradation import SCALE, lr_from_hr, reference_pair, to_tensor
+from ttsr.data.degradation import (
+    SCALE,
+    crop_to_multiple,
+    lr_from_hr,
+    reference_pair,
+    to_tensor,
+    upsample,
+)
+from ttsr.data.real_degradation import DegradationOptions, LRCorruption, degrade
 from ttsr.data.synthetic import SyntheticOptions, synthesize_pair
 from ttsr.imaging import load_rgb
 
@@ -88,9 +96,26 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, int(rng.integers(0, 4))))
 
 
-def make_sample(hr: np.ndarray, ref: np.ndarray) -> Sample:
-    """Degrade ``hr`` and ``ref`` (``HxWx3`` uint8) into a TTSR sample."""
-    hr, lr, lrsr = lr_from_hr(hr)
+def make_sample(
+    hr: np.ndarray,
+    ref: np.ndarray,
+    degradation: DegradationOptions | None = None,
+    rng: np.random.Generator | None = None,
+) -> Sample:
+    """Degrade ``hr`` and ``ref`` (``HxWx3`` uint8) into a TTSR sample.
+
+    Without ``degradation`` the LR is the research protocol's PIL bicubic x4; with it, a random
+    real-world degradation (:func:`ttsr.data.real_degradation.degrade`, drawn from ``rng``).
+    The reference side is always the protocol's (its own degradations are made with it).
+    """
+    if degradation is None:
+        hr, lr, lrsr = lr_from_hr(hr)
+    else:
+        if rng is None:
+            raise ValueError("a random degradation needs its rng")
+        hr = crop_to_multiple(hr)
+        lr = degrade(hr, degradation, rng)
+        lrsr = upsample(lr)
     ref, refsr = reference_pair(ref)
     return {
         "lr": to_tensor(lr),
@@ -118,11 +143,18 @@ class CufedTrainDataset(Dataset):
     90-degree rotations.
     """
 
-    def __init__(self, root: str | Path, patch_size: int = 160, augment: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        patch_size: int = 160,
+        augment: bool = True,
+        degradation: DegradationOptions | None = None,
+    ) -> None:
         _check_patch_size(patch_size)
         root = Path(root)
         self.patch_size = patch_size
         self.augment = augment
+        self.degradation = degradation
         self.inputs = list_images(root / "input")
         self.refs = []
         for path in self.inputs:
@@ -152,7 +184,7 @@ class CufedTrainDataset(Dataset):
         ref = fit_to_square(load_rgb(self.refs[index]), self.patch_size, rng)
         if self.augment:
             hr, ref = augment(hr, rng), augment(ref, rng)
-        return make_sample(hr, ref)
+        return make_sample(hr, ref, self.degradation, rng)
 
 
 class SyntheticReferenceDataset(Dataset):
@@ -161,7 +193,7 @@ class SyntheticReferenceDataset(Dataset):
     Every item draws a fresh HR patch and reference (:func:`ttsr.data.synthetic.synthesize_pair`,
     reference side = ``patch_size``), then augments both independently. ``repeats`` visits each
     photo that many times per epoch. Photos smaller than ``patch_size`` are skipped with a
-    warning.
+    warning. ``degradation``: a random real-world LR degradation instead of PIL bicubic x4.
     """
 
     def __init__(
@@ -171,6 +203,7 @@ class SyntheticReferenceDataset(Dataset):
         options: SyntheticOptions | None = None,
         repeats: int = 1,
         augment: bool = True,
+        degradation: DegradationOptions | None = None,
     ) -> None:
         _check_patch_size(patch_size)
         if repeats < 1:
@@ -182,6 +215,7 @@ class SyntheticReferenceDataset(Dataset):
         self.options = options or SyntheticOptions()
         self.repeats = repeats
         self.augment = augment
+        self.degradation = degradation
         self.photos: list[Path] = []
         skipped: list[str] = []
         for folder in folders:
@@ -211,12 +245,23 @@ class SyntheticReferenceDataset(Dataset):
         hr, ref = pair.hr, pair.ref
         if self.augment:
             hr, ref = augment(hr, rng), augment(ref, rng)
-        return make_sample(hr, ref)
+        return make_sample(hr, ref, self.degradation, rng)
 
 
-def _evaluation_sample(hr: np.ndarray, ref: np.ndarray | None, name: str, reference: str) -> dict:
-    """A full-image sample; ``ref=None`` makes the LR image its own reference."""
+def _evaluation_sample(
+    hr: np.ndarray,
+    ref: np.ndarray | None,
+    name: str,
+    reference: str,
+    corruption: LRCorruption | None = None,
+) -> dict:
+    """A full-image sample; ``ref=None`` makes the LR image its own reference. ``corruption``
+    is applied to the LR after the bicubic downscale (and so to the LR as reference)."""
     hr, lr, lrsr = lr_from_hr(hr)
+    if corruption is not None and not corruption.is_identity:
+        lr = corruption(lr)
+        lrsr = upsample(lr)
+        reference = f"{reference}_{corruption.tag}"
     ref, refsr = reference_pair(lr if ref is None else ref)
     return {
         "lr": to_tensor(lr),
@@ -241,7 +286,8 @@ class ValidationDataset(Dataset):
     ``reference``: ``"lr"`` (the LR image is its own reference, TTSR's Urban100/Manga109
     protocol), ``"hr"`` (the HR image itself: an upper bound) or a folder holding one reference
     per HR image with the same file stem (any image suffix). ``limit`` keeps the first images
-    by name.
+    by name. ``corruption``: applied to every LR after the downscale; the samples' ``reference``
+    then carries its tag (``"lr_jpeg75"``).
     """
 
     def __init__(
@@ -249,7 +295,9 @@ class ValidationDataset(Dataset):
         folders: str | Path | Sequence[str | Path],
         reference: str = "lr",
         limit: int | None = None,
+        corruption: LRCorruption | None = None,
     ) -> None:
+        self.corruption = corruption
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
         self.images = sorted((p for f in folders for p in list_images(f)), key=lambda p: p.name)
         if limit is not None:
@@ -284,7 +332,7 @@ class ValidationDataset(Dataset):
             ref = hr
         else:
             ref = load_rgb(self.refs[index])
-        return _evaluation_sample(hr, ref, path.stem, self.mode)
+        return _evaluation_sample(hr, ref, path.stem, self.mode, self.corruption)
 
 
 class Cufed5Dataset(Dataset):

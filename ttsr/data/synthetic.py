@@ -15,6 +15,11 @@ from one photo:
    4-pixel grid of the texture search, like a reference that is the HR image itself.
 4. The reference's colours are jittered (brightness, contrast, saturation factors in
    ``[1 - color_jitter, 1 + color_jitter]``) and it is mirrored with ``flip_probability``.
+5. Harder references, all off by default (the research recipes): a perspective warp (corners
+   moved by up to ``perspective`` of the side), another exposure (``exposure`` stops either
+   way), gamma (``gamma_range``), white balance (per-channel gains within ``white_balance``),
+   blur of the reference, a partial occlusion by a patch of elsewhere in the photo, and a light
+   JPEG of its own. They stand for another viewpoint, another day and another camera.
 
 Shrinking (``scale < 1``) first resizes the photo with PIL's antialiased bicubic filter; the
 rotation and any magnification are then one bicubic ``cv2.warpAffine``. Footprints that leave
@@ -33,6 +38,7 @@ import cv2
 import numpy as np
 
 from ttsr.data.degradation import bicubic_resize
+from ttsr.data.real_degradation import gaussian_blur, jpeg
 
 #: Attempts at placing the reference footprint within ``overlap_range`` before taking the best.
 PLACEMENT_ATTEMPTS = 32
@@ -50,6 +56,16 @@ class SyntheticOptions:
     aligned_probability: float = 0.2
     color_jitter: float = 0.1
     flip_probability: float = 0.5
+    perspective: float = 0.0
+    exposure: float = 0.0
+    gamma_range: tuple[float, float] = (1.0, 1.0)
+    white_balance: float = 0.0
+    blur_probability: float = 0.0
+    blur_sigma_range: tuple[float, float] = (0.3, 1.5)
+    occlusion_probability: float = 0.0
+    occlusion_max_area: float = 0.3
+    jpeg_probability: float = 0.0
+    jpeg_quality_range: tuple[int, int] = (70, 95)
 
     def __post_init__(self) -> None:
         low, high = self.scale_range
@@ -58,11 +74,28 @@ class SyntheticOptions:
         low, high = self.overlap_range
         if not 0 < low <= high < 1:
             raise ValueError(f"overlap_range must be 0 < low <= high < 1, got {self.overlap_range}")
-        for name in ("aligned_probability", "flip_probability"):
+        for name in (
+            "aligned_probability",
+            "flip_probability",
+            "blur_probability",
+            "occlusion_probability",
+            "jpeg_probability",
+            "occlusion_max_area",
+        ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.color_jitter < 1:
-            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        for name in ("color_jitter", "white_balance", "perspective"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.exposure < 0:
+            raise ValueError(f"exposure must be >= 0 stops, got {self.exposure}")
+        for name in ("gamma_range", "blur_sigma_range"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be 0 < low <= high, got {(low, high)}")
+        low, high = self.jpeg_quality_range
+        if not 1 <= low <= high <= 100:
+            raise ValueError(f"jpeg_quality_range must be within 1..100, got {(low, high)}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +235,72 @@ def jitter_colors(image: np.ndarray, strength: float, rng: np.random.Generator) 
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
+def warp_perspective(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Move each corner by up to ``strength`` of the side (uniform in x and y) and warp the
+    square onto itself: a view from another angle. The border is mirrored."""
+    if strength == 0:
+        return image
+    size_y, size_x = image.shape[:2]
+    corners = np.array([[0, 0], [size_x, 0], [size_x, size_y], [0, size_y]], dtype=np.float32)
+    moves = rng.uniform(-strength, strength, size=(4, 2)) * np.array([size_x, size_y])
+    matrix = cv2.getPerspectiveTransform(corners, (corners + moves).astype(np.float32))
+    return cv2.warpPerspective(
+        np.ascontiguousarray(image),
+        matrix,
+        (size_x, size_y),
+        flags=cv2.INTER_CUBIC,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+
+
+def change_photometry(
+    image: np.ndarray, options: SyntheticOptions, rng: np.random.Generator
+) -> np.ndarray:
+    """Another exposure (``2 ** stops``), white balance (per-channel gains) and gamma."""
+    if options.exposure == 0 and options.white_balance == 0 and options.gamma_range == (1.0, 1.0):
+        return image
+    gain = 2.0 ** rng.uniform(-options.exposure, options.exposure)
+    balance = rng.uniform(1 - options.white_balance, 1 + options.white_balance, size=3)
+    gamma = math.exp(rng.uniform(*np.log(options.gamma_range)))
+    values = np.clip(image.astype(np.float32) / 255.0 * gain * balance, 0.0, 1.0) ** gamma
+    return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def occlude(image: np.ndarray, photo: np.ndarray, max_area: float, rng: np.random.Generator):
+    """Cover a random rectangle of up to ``max_area`` of ``image`` with a piece of ``photo``
+    from elsewhere (an occluder with a texture of its own)."""
+    size_y, size_x = image.shape[:2]
+    area = rng.uniform(0.05, max(0.05, max_area)) * size_y * size_x
+    aspect = math.exp(rng.uniform(math.log(0.33), math.log(3.0)))
+    height = int(min(size_y, max(4, round(math.sqrt(area * aspect)))))
+    width = int(min(size_x, max(4, round(area / height))))
+    top, left = int(rng.integers(0, size_y - height + 1)), int(rng.integers(0, size_x - width + 1))
+    source_top = int(rng.integers(0, photo.shape[0] - height + 1))
+    source_left = int(rng.integers(0, photo.shape[1] - width + 1))
+    occluded = image.copy()
+    patch = photo[source_top : source_top + height, source_left : source_left + width]
+    occluded[top : top + height, left : left + width] = patch[::-1, ::-1]
+    return occluded
+
+
+def make_harder(
+    ref: np.ndarray, photo: np.ndarray, options: SyntheticOptions, rng: np.random.Generator
+) -> np.ndarray:
+    """The harder-reference steps of the module docstring (item 5), in the order a second
+    photograph would meet them: viewpoint, light, lens, occluder, file."""
+    ref = warp_perspective(ref, options.perspective, rng)
+    ref = change_photometry(ref, options, rng)
+    if options.blur_probability and rng.random() < options.blur_probability:
+        ref = gaussian_blur(ref, float(rng.uniform(*options.blur_sigma_range)))
+    if options.occlusion_probability and rng.random() < options.occlusion_probability:
+        ref = occlude(ref, photo, options.occlusion_max_area, rng)
+    if options.jpeg_probability and rng.random() < options.jpeg_probability:
+        ref = jpeg(
+            ref, int(rng.integers(options.jpeg_quality_range[0], options.jpeg_quality_range[1] + 1))
+        )
+    return ref
+
+
 def synthesize_pair(
     photo: np.ndarray,
     hr_size: int,
@@ -240,6 +339,7 @@ def synthesize_pair(
     )
     ref = warp_reference(photo, center, ref_size, scale, rotation)
     ref = jitter_colors(ref, options.color_jitter, rng)
+    ref = make_harder(ref, photo, options, rng)
     flipped = bool(rng.random() < options.flip_probability)
     if flipped:
         ref = ref[:, ::-1]

@@ -4,6 +4,7 @@
 is its fast, bounded-memory equivalent (same result), the one :class:`TTSR` runs by default.
 """
 
+from ttsr.model.config import TTSRConfig
 from ttsr.model.extractor import TextureExtractor
 from ttsr.model.fast_search_transfer import FastSearchTransfer
 from ttsr.model.generator import Generator
@@ -12,6 +13,7 @@ from ttsr.model.ttsr import TTSR, TTSROutput
 
 __all__ = [
     "TTSR",
+    "TTSRConfig",
     "TTSROutput",
     "Generator",
     "SearchTransfer",

@@ -59,9 +59,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from ttsr.model.config import Divisor
 from ttsr.model.flow import flow_from_index, upsample_flow, warp
 from ttsr.model.sampled_deform_conv import sampled_deform_conv2d
-from ttsr.model.search_transfer import Divisor, as_reference_list
+from ttsr.model.search_transfer import as_reference_list
 
 #: The nine neighbour cells ``(ky, kx)`` in deform_conv2d's tap order (row-major over 3x3).
 TAPS: tuple[tuple[int, int], ...] = tuple((ky, kx) for ky in (-1, 0, 1) for kx in (-1, 0, 1))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Residual blocks of the released model: SFE, stage x1, stage x2, stage x4.
-DEFAULT_BLOCKS = (16, 16, 8, 4)
+from ttsr.model.config import DEFAULT_BLOCKS
+
 #: Channels of the relu3_1, relu2_1, relu1_1 textures fused at x1, x2, x4.
 TEXTURE_CHANNELS = (256, 128, 64)
 

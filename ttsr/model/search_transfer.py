@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Divisor = Literal["overlap", "constant"]
+from ttsr.model.config import Divisor
 
 #: (kernel, stride, padding) of the transfer at relu3_1, relu2_1 and relu1_1 (scale 1, 2, 4).
 TRANSFER_GEOMETRY: dict[int, tuple[int, int, int]] = {1: (3, 1, 1), 2: (6, 2, 2), 4: (12, 4, 4)}

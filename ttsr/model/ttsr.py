@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ttsr.model.config import RELEASED, Divisor, TTSRConfig
+from ttsr.model.deformable_transfer import DeformableTransfer
 from ttsr.model.extractor import TextureExtractor
-from ttsr.model.generator import DEFAULT_BLOCKS, Generator
+from ttsr.model.fast_search_transfer import FastSearchTransfer
+from ttsr.model.generator import Generator
 from ttsr.model.patch_correlation import thread_arena
-from ttsr.model.search_transfer import Divisor, SearchTransfer, TransferResult
+from ttsr.model.search_transfer import SearchTransfer, TransferResult
 
 #: Implementations of the search/transfer step; they compute the same result.
 SEARCH_IMPLEMENTATIONS = ("straightforward", "fast")
-
-#: Texture transfer heads: the hard-attention copy, or deformable convolution seeded by it.
-TRANSFER_MODES = ("hard", "deformable")
 
 #: Smallest reference side (pixels): one relu3_1 position needs a 4x4 reference.
 MIN_REFERENCE_SIDE = 4
@@ -61,8 +61,6 @@ def build_search_transfer(implementation: str, divisor: Divisor) -> nn.Module:
     if implementation == "straightforward":
         return SearchTransfer(divisor)
     if implementation == "fast":
-        from ttsr.model.fast_search_transfer import FastSearchTransfer
-
         return FastSearchTransfer(divisor)
     raise ValueError(f"search must be one of {SEARCH_IMPLEMENTATIONS}, not {implementation!r}")
 
@@ -123,53 +121,40 @@ class TTSR(nn.Module):
     """Texture Transformer Network for x4 reference-based super-resolution.
 
     Args:
-        num_res_blocks: residual blocks of the generator (SFE, x1, x2, x4 stages).
-        n_feats: generator width.
-        res_scale: residual scaling.
-        divisor: ``"overlap"`` (exact fold average) or ``"constant"`` (released code's /9).
+        config: the architecture (:class:`~ttsr.model.config.TTSRConfig`), kept as ``config``.
+        search: ``"fast"`` or ``"straightforward"`` (the definition) search/transfer: the same
+            result, not a weight.
         extractor_init: texture extractor initialisation (see :class:`TextureExtractor`).
-        use_texture: ``False`` removes the whole texture path (single-image ablation).
-        bicubic_skip: the generator adds the bicubic upsampled LR to its output.
-        search: ``"straightforward"`` or ``"fast"`` search/transfer (same result; not a weight).
-        transfer: ``"hard"`` (TTSR's copy of the best patches) or ``"deformable"`` (the hard
-            search seeds a learned deformable transfer, :mod:`ttsr.model.deformable_transfer`,
-            which starts equal to the hard one).
-        offset_groups: offset groups of the deformable transfer (divides 64; unused by
-            ``"hard"``).
     """
 
     def __init__(
         self,
-        num_res_blocks: Sequence[int] = DEFAULT_BLOCKS,
-        n_feats: int = 64,
-        res_scale: float = 1.0,
-        divisor: Divisor = "overlap",
+        config: TTSRConfig = RELEASED,
+        search: str = "fast",
         extractor_init: str | Path = "random",
-        use_texture: bool = True,
-        bicubic_skip: bool = False,
-        search: str = "straightforward",
-        transfer: str = "hard",
-        offset_groups: int = 8,
     ) -> None:
         super().__init__()
-        self.generator = Generator(num_res_blocks, n_feats, res_scale, use_texture, bicubic_skip)
+        self.config = config
+        self.generator = Generator(
+            config.num_res_blocks,
+            config.n_feats,
+            config.res_scale,
+            config.use_texture,
+            config.bicubic_skip,
+        )
         self.extractor = TextureExtractor(extractor_init)
-        self.divisor: Divisor = divisor
-        self.search_transfer = build_search_transfer(search, divisor)
-        self.use_texture = use_texture
-        if transfer not in TRANSFER_MODES:
-            raise ValueError(f"transfer must be one of {TRANSFER_MODES}, not {transfer!r}")
-        self.transfer = transfer
-        self.offset_groups = offset_groups
-        self.deformable_transfer: nn.Module | None = None
-        if transfer == "deformable" and use_texture:
-            from ttsr.model.deformable_transfer import DeformableTransfer
-
-            self.deformable_transfer = DeformableTransfer(offset_groups, divisor=divisor)
+        self.search = search
+        self.search_transfer = build_search_transfer(search, config.divisor)
+        self.deformable_transfer: DeformableTransfer | None = None
+        if config.transfer == "deformable" and config.use_texture:
+            self.deformable_transfer = DeformableTransfer(
+                config.offset_groups, divisor=config.divisor
+            )
 
     def set_search(self, implementation: str) -> None:
         """Switch the search/transfer implementation (they hold no weights)."""
-        self.search_transfer = build_search_transfer(implementation, self.divisor)
+        self.search_transfer = build_search_transfer(implementation, self.config.divisor)
+        self.search = implementation
 
     def extract_reference_features(
         self, refs: Sequence[Tensor], refsrs: Sequence[Tensor]
@@ -284,7 +269,7 @@ class TTSR(nn.Module):
         refs = [ref] if isinstance(ref, Tensor) else list(ref)
         refsrs = [refsr] if isinstance(refsr, Tensor) else list(refsr)
         check_inputs(lr, lrsr, refs, refsrs)
-        if not self.use_texture:
+        if not self.config.use_texture:
             return TTSROutput(sr=self.generator(lr, lrsr=lrsr))
         refs = [crop_to_multiple_of_4(r) for r in refs]
         refsrs = [crop_to_multiple_of_4(r) for r in refsrs]

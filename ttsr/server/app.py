@@ -453,7 +453,7 @@ def create_app(
         model = await holder.aget()
         return ServerInfo(
             device=str(model.device),
-            uses_references=bool(model.model.use_texture),
+            uses_references=bool(model.model.config.use_texture),
             max_upload_bytes=settings.max_upload_bytes,
             max_references=settings.max_references,
             max_memory_bytes=model.max_memory,
