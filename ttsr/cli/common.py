@@ -11,12 +11,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from ttsr.checkpoints import CheckpointError
+from ttsr.checkpoints import CheckpointError, TTSRWeights
 from ttsr.imaging import InputError
-from ttsr.inference import Upscaler
+from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import parse_size
 from ttsr.reference_alignment import ALIGNMENTS
 
@@ -121,13 +122,20 @@ def positive_int(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--device``, ``--max-memory``, ``--tile``."""
+    """Model choice (``--model`` or ``--checkpoint``) and resources (device, memory, tiles)."""
     group = parser.add_argument_group("model and resources")
+    names = shipped_model_names()
+    described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
+    group.add_argument(
+        "--model",
+        choices=names,
+        help=f"shipped model to use (default: {names[0]}). {described}",
+    )
     group.add_argument(
         "--checkpoint",
         metavar="PATH",
-        help="ttsr checkpoint (.pt) to use; default: the checkpoint shipped with ttsr "
-        "(convert released TTSR weights with ttsr-convert)",
+        help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert released "
+        "TTSR weights with ttsr-convert)",
     )
     group.add_argument(
         "--device",
@@ -169,10 +177,28 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def chosen_model(args: argparse.Namespace) -> str | Path | None:
+    """What :func:`add_model_arguments` options ask for: a file, a shipped name or the default."""
+    if args.checkpoint and args.model:
+        raise InputError("give --model NAME or --checkpoint PATH, not both")
+    return Path(args.checkpoint) if args.checkpoint else args.model
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model in words for reports: ``"real"``, ``"bicubic"`` or the checkpoint's path."""
+    return str(chosen_model(args) or shipped_model_names()[0])
+
+
+def describe_model(upscaler: Upscaler) -> str:
+    """``"the real model"`` for a shipped model, ``"checkpoint PATH"`` for a file."""
+    name = upscaler.model_name
+    return f"the {name} model" if name in shipped_model_names() else f"checkpoint {name}"
+
+
 def build_upscaler(args: argparse.Namespace) -> Upscaler:
     """The :class:`Upscaler` described by :func:`add_model_arguments` options."""
     return Upscaler.from_checkpoint(
-        args.checkpoint,
+        chosen_model(args),
         device=args.device,
         max_memory=args.max_memory,
         tile_size=args.tile,
