@@ -297,7 +297,7 @@ class TTSRWeights(Enum):
         description="the research protocol: LR by PIL bicubic x4 of a clean image",
     )
     #: What ``Upscaler.from_checkpoint()`` and the command-line tools use when not told.
-    DEFAULT = BICUBIC
+    DEFAULT = REAL
 
     @classmethod
     def get(cls, name: str) -> ShippedWeights:

@@ -28,9 +28,10 @@ from ttsr.cli.common import (
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
+    describe_model,
     examples,
     positive_int,
-    run_guarded,
+    run_cli,
 )
 from ttsr.imaging import (
     InputError,
@@ -302,7 +303,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     where = jobs[0].out if len(jobs) == 1 else jobs[0].out.parent
     peak = max(p.estimate.peak for p in plans)
     print(
-        f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 in {elapsed:.1f} s on "
+        f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 with "
+        f"{describe_model(upscaler)} in {elapsed:.1f} s on "
         f"{upscaler.device} ({total_tiles} tile{'s' * (total_tiles != 1)}, estimated peak "
         f"{format_size(peak)} of a {format_size(upscaler.max_memory)} budget) -> {where}"
     )
@@ -330,9 +332,7 @@ def choose_from_album(jobs: list[Job], album: Album, upscaler: Upscaler, top_k: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":
