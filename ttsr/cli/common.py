@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,14 +31,16 @@ BAD_INPUT = (InputError, CheckpointError, OSError)
 
 
 class _StderrNotes(logging.Handler):
-    """Writes ``PROG: note: message`` to whatever ``sys.stderr`` is when the note is emitted."""
+    """Writes ``PROG: note: message`` (``warning:`` for warnings) to whatever ``sys.stderr`` is
+    when the note is emitted."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(logging.INFO)
         self.prog = prog
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"{self.prog}: note: {record.getMessage()}", file=sys.stderr)
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        print(f"{self.prog}: {kind}: {record.getMessage()}", file=sys.stderr)
 
 
 def error(prog: str, message: str) -> None:
@@ -80,6 +82,19 @@ def run_guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
     finally:
         library_logger.removeHandler(notes)
         library_logger.setLevel(previous_level)
+
+
+#: A CLI's body: ``run(args, parser) -> exit code``; ``parser.error`` for bad option combinations.
+CliBody = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def run_cli(
+    prog: str, parser: argparse.ArgumentParser, body: CliBody, argv: Sequence[str] | None
+) -> int:
+    """A CLI's ``main``: parse ``argv`` (``None``: the command line), then run ``body`` under
+    :func:`run_guarded` (one stderr line and exit code 2 for bad input; ``--debug`` re-raises)."""
+    args = parser.parse_args(argv)
+    return run_guarded(prog, lambda: body(args, parser), debug=args.debug)
 
 
 def _message(failure: BaseException) -> str:

@@ -24,9 +24,10 @@ from ttsr.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     add_debug_argument,
+    error,
     memory_size,
     positive_int,
-    run_guarded,
+    run_cli,
 )
 from ttsr.cli.infer import EXTRAS, extra_outputs, plan_jobs
 from ttsr.imaging import check_writable, image_size
@@ -50,7 +51,7 @@ def devices_count(text: str) -> int | str:
 
 def report_failure(job: object, message: str) -> None:
     """One stderr line per refused image (module level: picklable for ``ddp_spawn``)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    error(PROG, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,15 +174,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         + f" -> {where}"
     )
     if summary.failed:
-        print(f"{PROG}: error: {summary.failed} images failed (see above)", file=sys.stderr)
+        error(PROG, f"{summary.failed} images failed (see above)")
         return EXIT_BAD_INPUT
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ttsr.cli.common import (
     build_upscaler,
     describe_model,
     positive_int,
-    run_guarded,
+    run_cli,
 )
 from ttsr.imaging import InputError
 from ttsr.inference import Upscaler, shipped_model_names
@@ -54,7 +54,12 @@ def megabytes(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ttsr.server.app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REFERENCES, DEFAULT_MAX_UPLOAD_MB
+    from ttsr.server.app import (
+        DEFAULT_MAX_ALBUM,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_REFERENCES,
+        DEFAULT_MAX_UPLOAD_MB,
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -88,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_REFERENCES,
         metavar="N",
         help=f"most reference images per request (default: {DEFAULT_MAX_REFERENCES})",
+    )
+    server.add_argument(
+        "--max-album",
+        type=positive_int,
+        default=DEFAULT_MAX_ALBUM,
+        metavar="N",
+        help="most album photos per request, for ttsr to choose the references from "
+        f"(default: {DEFAULT_MAX_ALBUM})",
     )
     server.add_argument(
         "--max-queue",
@@ -148,7 +161,7 @@ def offered_models(
     return models
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from ttsr.server.app import LOOPBACK_NAMES, MB, ServerSettings, create_app
@@ -162,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         max_upload_bytes=int(args.max_upload_mb * MB),
         max_references=args.max_references,
+        max_album=args.max_album,
         max_queue=args.max_queue,
         allowed_hosts=(*LOOPBACK_NAMES, args.host.lower()) if loopback else None,
     )
@@ -189,9 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args), debug=args.debug)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":
