@@ -17,6 +17,7 @@ result up to float rounding.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from ttsr.memory import (
 from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
 from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
+from ttsr.runtime import CPURuntime
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -254,6 +256,7 @@ class Upscaler:
             )
         self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
+        self._runtimes = threading.local()
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
@@ -281,6 +284,15 @@ class Upscaler:
                     "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
                 )
         return cls(load_checkpoint(path), device, max_memory, tile_size, reference_alignment)
+
+    @property
+    def runtime(self) -> CPURuntime:
+        """The CPU runtime of the calling thread's runs (worker threads, scratch memory), kept
+        between calls; one per thread, so that threads sharing this upscaler do not interfere."""
+        runtime = getattr(self._runtimes, "runtime", None)
+        if runtime is None:
+            runtime = self._runtimes.runtime = CPURuntime()
+        return runtime
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -461,14 +473,14 @@ class Upscaler:
             core = (slice(tile.core[0], tile.core[1]), slice(tile.core[2], tile.core[3]))
             if features is not None:
                 output = self.model.forward_with_reference_features(
-                    lr_tile, lrsr_tile, features, keep_textures=False
+                    lr_tile, lrsr_tile, features, runtime=self.runtime, lean=True
                 )
                 tile_sr = output.sr
                 assert output.soft_attention is not None and output.index is not None
                 attention[core] = output.soft_attention[0, 0, rows, cols].float().cpu().numpy()
                 index[core] = output.index[0, rows, cols].cpu().numpy()
             else:
-                tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile)
+                tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile, lean=True)
             sr[:, _scaled(core[0]), _scaled(core[1])] = (
                 tile_sr[0, :, _scaled(rows), _scaled(cols)].float().cpu()
             )

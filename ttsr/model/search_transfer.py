@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttsr.model.config import Divisor
+from ttsr.runtime import Runtime
 
 #: (kernel, stride, padding) of the transfer at relu3_1, relu2_1 and relu1_1 (scale 1, 2, 4).
 TRANSFER_GEOMETRY: dict[int, tuple[int, int, int]] = {1: (3, 1, 1), 2: (6, 2, 2), 4: (12, 4, 4)}
@@ -36,14 +37,18 @@ class SearchResult:
     relevance: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class TransferResult:
-    """Soft attention ``[B, 1, H, W]``, textures at three scales, hard attention ``[B, H, W]``."""
+    """Soft attention ``[B, 1, H, W]``, textures ``t_lv3`` ``[B, 256, H, W]``, ``t_lv2``
+    ``[B, 128, 2H, 2W]``, ``t_lv1`` ``[B, 64, 4H, 4W]``, hard attention ``[B, H, W]``.
+
+    A lean generator forward takes the texture maps out (sets them to ``None``) as it fuses them.
+    """
 
     soft_attention: Tensor
-    t_lv3: Tensor
-    t_lv2: Tensor
-    t_lv1: Tensor
+    t_lv3: Tensor | None
+    t_lv2: Tensor | None
+    t_lv1: Tensor | None
     index: Tensor
 
 
@@ -161,10 +166,14 @@ class SearchTransfer(nn.Module):
         return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
 
     def search_only(
-        self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        runtime: Runtime | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
-        (index) ``[B, H, W]``, for transfer heads that sample the references themselves."""
+        (index) ``[B, H, W]``, for transfer heads that sample the references themselves.
+        ``runtime`` is for the fast equivalent; the definition runs on plain PyTorch."""
         batch, _, height, width = lrsr_lv3.shape
         found = search(lrsr_lv3, refsr_lv3)
         return (
@@ -179,8 +188,10 @@ class SearchTransfer(nn.Module):
         ref_lv1: Tensor | Sequence[Tensor],
         ref_lv2: Tensor | Sequence[Tensor],
         ref_lv3: Tensor | Sequence[Tensor],
+        runtime: Runtime | None = None,
     ) -> TransferResult:
-        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
+        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention
+        (``runtime`` as for :meth:`search_only`)."""
         batch, _, height, width = lrsr_lv3.shape
         found = search(lrsr_lv3, refsr_lv3)
         size = (height, width)
