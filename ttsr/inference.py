@@ -262,8 +262,8 @@ class Upscaler:
         if tile_size is not None and tile_size < 1:
             raise InputError(f"tile size must be at least 1 LR pixel, got {tile_size}")
         self.tile_size = tile_size
-        generator = model.generator
-        self.margin = receptive_radius(generator.num_res_blocks, model.config.use_texture)
+        config = model.config
+        self.margin = receptive_radius(config.num_res_blocks, config.use_texture, config.transfer)
         self._weight_bytes = _weight_bytes(model)
 
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -142,6 +142,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PIXELS",
         help="force LR tiles of this size (default: as large as --max-memory allows)",
     )
+
+
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A command's parser: its description, and an epilog shown as written."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+#: A command's body: ``run(args, parser) -> exit code``.
+Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def command_main(
+    prog: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Command,
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse ``argv`` and run the command under :func:`run_guarded` (``--debug`` honoured)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(prog, lambda: run(args, parser), debug=args.debug)
 
 
 def examples(docstring: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
@@ -35,7 +36,6 @@ from ttsr.cli.common import (
     build_upscaler,
     examples,
     positive_int,
-    run_guarded,
 )
 from ttsr.data.real_degradation import LRCorruption
 from ttsr.evaluation import (
@@ -66,12 +66,11 @@ PROG = "ttsr-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
+    parser = common.command_parser(
+        PROG,
+        "Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
         "SSIM (BT.601, 8-bit) for bicubic and the model, per image and on average.",
-        epilog=examples(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples(__doc__),
     )
     parser.add_argument("dataset", nargs="?", help="folder of HR images (or CUFED5 layout)")
     refs = parser.add_argument_group("references")
@@ -289,9 +288,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return common.command_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":

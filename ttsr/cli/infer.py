@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
     examples,
-    run_guarded,
 )
 from ttsr.imaging import (
     InputError,
@@ -43,16 +43,28 @@ from ttsr.memory import format_size
 
 PROG = "ttsr-infer"
 
-#: Extra outputs: option name -> file name suffix added to the SR file's stem.
+#: Extra outputs, by kind (option ``--save-<kind>``, file ``NAME_<kind>.<ext>``): their help.
 EXTRAS = {
-    "save_bicubic": "bicubic",
-    "save_attention": "attention",
-    "save_correspondence": "correspondence",
-    "save_comparison": "comparison",
-    "save_flow": "flow",
+    "bicubic": "the bicubic x4 upscale",
+    "attention": "soft-attention heat map: bright where a reference held a close match",
+    "correspondence": "each output patch coloured by the reference position its texture came "
+    "from, beside the references coloured with the same code",
+    "comparison": "bicubic | TTSR | reference side by side",
+    "flow": "the correspondence as a flow field, NAME_flow.npz: 'flow' [2, H, W] (dx, dy) in "
+    "output pixels from each LR position's 4x4 output patch to its match, 'reference_id', "
+    "'match_x', 'match_y' (centres in reference pixels), 'reference_sizes'",
 }
 #: Extras that are not images, by kind: their file extension.
 DATA_EXTRAS = {"flow": ".npz"}
+
+
+def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--save-<kind>`` options of :data:`EXTRAS`."""
+    extras = parser.add_argument_group(
+        "extra outputs (written beside each output as NAME_<kind>.<ext>)"
+    )
+    for kind, description in EXTRAS.items():
+        extras.add_argument(f"--save-{kind}", action="store_true", help=description)
 
 
 def demo_paths() -> tuple[Path, Path]:
@@ -71,13 +83,12 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
+    parser = common.command_parser(
+        PROG,
+        "Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
         "with textures found in one or more reference images of similar content (another view of "
         "the scene, a sharper photo). Folders process every image in them.",
-        epilog=examples(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples(__doc__),
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--lr", metavar="PATH", help="low-resolution image, or a folder of them")
@@ -99,31 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--demo", action="store_true", help="upscale the example pair shipped with ttsr"
     )
-    extras = parser.add_argument_group(
-        "extra outputs (written beside each output as NAME_<kind>.<ext>)"
-    )
-    extras.add_argument("--save-bicubic", action="store_true", help="the bicubic x4 upscale")
-    extras.add_argument(
-        "--save-attention",
-        action="store_true",
-        help="soft-attention heat map: bright where the reference held a close match",
-    )
-    extras.add_argument(
-        "--save-correspondence",
-        action="store_true",
-        help="each output patch coloured by the reference position its texture came from, beside "
-        "the references coloured with the same code",
-    )
-    extras.add_argument(
-        "--save-comparison", action="store_true", help="bicubic | TTSR | reference side by side"
-    )
-    extras.add_argument(
-        "--save-flow",
-        action="store_true",
-        help="the correspondence as a flow field, NAME_flow.npz: 'flow' [2, H, W] (dx, dy) in "
-        "output pixels from each LR position's 4x4 output patch to its match, 'reference_id', "
-        "'match_x', 'match_y' (centres in reference pixels), 'reference_sizes'",
-    )
+    add_extra_arguments(parser)
     add_model_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -133,8 +120,8 @@ def extra_outputs(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Requested extra output files of one SR output, by kind."""
     return {
         kind: out.with_name(f"{out.stem}_{kind}{DATA_EXTRAS.get(kind, out.suffix)}")
-        for option, kind in EXTRAS.items()
-        if getattr(args, option)
+        for kind in EXTRAS
+        if getattr(args, f"save_{kind}")
     }
 
 
@@ -248,9 +235,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args, parser), debug=args.debug)
+    return common.command_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":

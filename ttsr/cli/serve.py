@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 from contextlib import suppress
 
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
     positive_int,
-    run_guarded,
 )
 from ttsr.imaging import InputError
 from ttsr.memory import format_size
@@ -51,14 +51,13 @@ def megabytes(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from ttsr.server.app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REFERENCES, DEFAULT_MAX_UPLOAD_MB
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Serve a web page where you pick or drop a low-resolution image and "
+    parser = common.command_parser(
+        PROG,
+        "Serve a web page where you pick or drop a low-resolution image and "
         "reference images, and get the x4 result with a before/after slider, the attention and "
         "correspondence maps and a PNG download; POST /api/upscale does the same for programs "
         "(reference at /docs). Everything runs on this machine, assets included (no CDN).",
-        epilog=__doc__.split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        __doc__.split("\n", 1)[1],
     )
     server = parser.add_argument_group("server")
     server.add_argument(
@@ -160,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(PROG, lambda: run(args), debug=args.debug)
+    return common.command_main(PROG, build_parser, lambda args, _: run(args), argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from ttsr.model.search_transfer import (
     CONSTANT_OVERLAP,
     Divisor,
     SearchTransfer,
-    TransferResult,
+    Size,
     as_reference_list,
+    check_level_sizes,
 )
 from ttsr.runtime import PLAIN, Runtime, StepBuffers
 
@@ -306,18 +307,6 @@ def level_table(references: Sequence[Tensor], runtime: Runtime = PLAIN) -> Tenso
     return table.view(-1, channels)
 
 
-def check_level_sizes(
-    references: Sequence[Tensor], reference_sizes: Sequence[tuple[int, int]], scale: int
-) -> None:
-    """Raise ``ValueError`` unless each reference's level is ``scale`` times its relu3_1 size."""
-    for reference, (h, w) in zip(references, reference_sizes, strict=True):
-        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
-            raise ValueError(
-                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
-                f"got {tuple(reference.shape[-2:])}"
-            )
-
-
 def gather_textures(
     references: Sequence[Tensor],
     plan: tuple[Tensor, Tensor, Tensor],
@@ -355,10 +344,10 @@ def fast_transfer(
 class FastSearchTransfer(SearchTransfer):
     """The fast equivalent of :class:`~ttsr.model.search_transfer.SearchTransfer`, the definition.
 
-    A drop-in (its ``forward``, with :meth:`search_only` and :meth:`search_and_transfer`
-    replaced): same result (identical indices without ties, ``S`` and ``T`` within 1e-5, equal
-    gradients), fast and in bounded memory; what :class:`~ttsr.model.ttsr.TTSR` runs by default
-    (``search="fast"``).
+    A drop-in (its search and transfer steps replaced; the runtime it is given runs their CPU
+    work, :mod:`ttsr.runtime`): same result (identical indices without ties, ``S`` and ``T``
+    within 1e-5, equal gradients), fast and in bounded memory; what
+    :class:`~ttsr.model.ttsr.TTSR` runs by default (``search="fast"``).
 
     Args:
         divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).
@@ -396,25 +385,10 @@ class FastSearchTransfer(SearchTransfer):
             + cls.BYTES_PER_WORKER * (workers + 1)
         )
 
-    def search_only(
-        self,
-        lrsr_lv3: Tensor,
-        refsr_lv3: Tensor | Sequence[Tensor],
-        runtime: Runtime | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
-        (index) ``[B, H, W]``, for transfer heads that sample the references themselves.
-        ``runtime``: how the CPU work runs (:mod:`ttsr.runtime`; default plain PyTorch)."""
-        batch, _, height, width = lrsr_lv3.shape
-        runtime = (runtime or PLAIN).on(lrsr_lv3.device)
-        soft_attention, index = self._search(lrsr_lv3, as_reference_list(refsr_lv3), runtime)
-        runtime.finish()
-        return soft_attention.view(batch, 1, height, width), index.view(batch, height, width)
-
     def _search(
         self, lrsr_lv3: Tensor, keys: list[Tensor], runtime: Runtime
     ) -> tuple[Tensor, Tensor]:
-        """Flat index ``[B, H*W]`` and its relevance (differentiable, gather/scatter backward).
+        """Relevance ``[B, H*W]`` (differentiable, gather/scatter backward) and flat index.
 
         The search tables live in the runtime's scratch memory unless autograd keeps them."""
         kept = torch.is_grad_enabled() and any(x.requires_grad for x in (lrsr_lv3, *keys))
@@ -426,44 +400,22 @@ class FastSearchTransfer(SearchTransfer):
         del tables
         return soft_attention, index
 
-    def search_and_transfer(
-        self,
-        lrsr_lv3: Tensor,
-        refsr_lv3: Tensor | Sequence[Tensor],
-        ref_lv1: Tensor | Sequence[Tensor],
-        ref_lv2: Tensor | Sequence[Tensor],
-        ref_lv3: Tensor | Sequence[Tensor],
-        runtime: Runtime | None = None,
-    ) -> TransferResult:
-        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention.
-        ``runtime``: how the CPU work runs (:mod:`ttsr.runtime`; default plain PyTorch)."""
-        keys = as_reference_list(refsr_lv3)
-        levels = {1: as_reference_list(ref_lv3), 2: as_reference_list(ref_lv2)}
-        levels[4] = as_reference_list(ref_lv1)
-        batch, _, height, width = lrsr_lv3.shape
-        size = (height, width)
-        sizes = [(k.size(2), k.size(3)) for k in keys]
-        for scale, references in levels.items():
-            check_level_sizes(references, sizes, scale)
-
-        runtime = (runtime or PLAIN).on(lrsr_lv3.device)
-        soft_attention, index = self._search(lrsr_lv3, keys, runtime)
-        neighbours = runtime.serial(lambda: plan_neighbours(index, size, sizes))
+    def _transfer(
+        self, index: Tensor, levels: dict[int, list[Tensor]], lr_size: Size, runtime: Runtime
+    ) -> dict[int, Tensor]:
+        """Gathers by one plan per scale (the largest first, while little else is held)."""
+        reference_sizes = [(r.size(2), r.size(3)) for r in levels[1]]
+        neighbours = runtime.serial(lambda: plan_neighbours(index, lr_size, reference_sizes))
         textures = {}
-        for scale in (4, 2, 1):  # the largest level first, while little else is held
+        for scale in sorted(levels, reverse=True):
             plan = runtime.serial(
-                lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor, neighbours)
+                lambda s=scale: transfer_plan(
+                    index, lr_size, reference_sizes, s, self.divisor, neighbours
+                )
             )
             kept = torch.is_grad_enabled() and any(r.requires_grad for r in levels[scale])
-            level_runtime = runtime.on(lrsr_lv3.device, scratch=not kept)
+            level_runtime = runtime.on(index.device, scratch=not kept)
             level_runtime.next_phase()  # the search tables and earlier level tables are dead
-            textures[scale] = gather_textures(levels[scale], plan, size, scale, level_runtime)
+            textures[scale] = gather_textures(levels[scale], plan, lr_size, scale, level_runtime)
             del plan
-        runtime.finish()  # its scratch is dead: given back before the generator runs
-        return TransferResult(
-            soft_attention=soft_attention.view(batch, 1, height, width),
-            t_lv3=textures[1],
-            t_lv2=textures[2],
-            t_lv1=textures[4],
-            index=index.view(batch, height, width),
-        )
+        return textures

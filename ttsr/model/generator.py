@@ -219,34 +219,36 @@ class Generator(nn.Module):
         c3, c2, c1 = TEXTURE_CHANNELS
 
         self.SFE = SFE(sfe, n_feats, res_scale)
-        if use_texture:
-            self.conv11_head = conv3x3(c3 + n_feats, n_feats)
-        self.RB11 = res_blocks(stage1, n_feats, res_scale)
-        self.conv11_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(1, stage1, c3, res_scale)
         self.conv12 = conv3x3(n_feats, n_feats * 4)
         self.ps12 = nn.PixelShuffle(2)
-        if use_texture:
-            self.conv22_head = conv3x3(c2 + n_feats, n_feats)
-        self.ex12 = CSFI2(n_feats)
-        self.RB21 = res_blocks(stage2, n_feats, res_scale)
-        self.RB22 = res_blocks(stage2, n_feats, res_scale)
-        self.conv21_tail = conv3x3(n_feats, n_feats)
-        self.conv22_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(2, stage2, c2, res_scale, CSFI2(n_feats))
         self.conv23 = conv3x3(n_feats, n_feats * 4)
         self.ps23 = nn.PixelShuffle(2)
-        if use_texture:
-            self.conv33_head = conv3x3(c1 + n_feats, n_feats)
-        self.ex123 = CSFI3(n_feats)
-        self.RB31 = res_blocks(stage3, n_feats, res_scale)
-        self.RB32 = res_blocks(stage3, n_feats, res_scale)
-        self.RB33 = res_blocks(stage3, n_feats, res_scale)
-        self.conv31_tail = conv3x3(n_feats, n_feats)
-        self.conv32_tail = conv3x3(n_feats, n_feats)
-        self.conv33_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(3, stage3, c1, res_scale, CSFI3(n_feats))
         self.merge_tail = MergeTail(n_feats)
+
+    def _add_stage(
+        self,
+        stage: int,
+        blocks: int,
+        channels: int,
+        res_scale: float,
+        csfi: nn.Module | None = None,
+    ) -> None:
+        """Stage ``stage`` (1, 2, 3 at x1, x2, x4) with ``stage`` streams, in the released order
+        and names: the texture fusion head ``conv{s}{s}_head`` (``channels`` texture channels),
+        the cross-scale integration (``ex12``, ``ex123``), per stream ``RB{s}{i}`` and then
+        per stream ``conv{s}{i}_tail``."""
+        n_feats = self.n_feats
+        if self.use_texture:
+            setattr(self, f"conv{stage}{stage}_head", conv3x3(channels + n_feats, n_feats))
+        if csfi is not None:
+            setattr(self, "ex12" if stage == 2 else "ex123", csfi)
+        for stream in range(1, stage + 1):
+            setattr(self, f"RB{stage}{stream}", res_blocks(blocks, n_feats, res_scale))
+        for stream in range(1, stage + 1):
+            setattr(self, f"conv{stage}{stream}_tail", conv3x3(n_feats, n_feats))
 
     def forward(
         self,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -821,18 +821,10 @@ def search_with_tables(
 
 
 def search_best_positions(
-    query_lv3: Tensor,
-    keys_lv3: Sequence[Tensor],
-    screening: Screening = "auto",
-    rows_per_step: int | None = None,
-    key_rows_per_chunk: int | None = None,
-    step_elements: int = DEFAULT_STEP_ELEMENTS,
-    runtime: Runtime = PLAIN,
+    query_lv3: Tensor, keys_lv3: Sequence[Tensor], *args: Any, **kwargs: Any
 ) -> Tensor:
     """Best reference position of every 3x3 query patch (the hard attention), in bounded memory:
     ``[B, H*W]`` int64 indices into the concatenated reference positions. Same arguments as
     :func:`search_with_tables`; the result never depends on the tiling, the screening or the
     runtime."""
-    return search_with_tables(
-        query_lv3, keys_lv3, screening, rows_per_step, key_rows_per_chunk, step_elements, runtime
-    )[0]
+    return search_with_tables(query_lv3, keys_lv3, *args, **kwargs)[0]

@@ -23,6 +23,8 @@ from ttsr.runtime.workers import one_intra_op_thread, run_items
 Item = TypeVar("Item")
 State = TypeVar("State")
 Result = TypeVar("Result")
+#: ``process(item, state)``: one work item, with its worker's state.
+Process = Callable[[Item, State], None]
 
 
 class Runtime:
@@ -36,10 +38,7 @@ class Runtime:
         return self
 
     def map(
-        self,
-        items: Iterable[Item],
-        process: Callable[[Item, State], None],
-        make_state: Callable[[], State],
+        self, items: Iterable[Item], process: Process, make_state: Callable[[], State]
     ) -> list[State]:
         """``process(item, state)`` for every item, with per-worker states; returns the states."""
         state = make_state()
@@ -98,10 +97,7 @@ class CPURuntime(Runtime):
         return plain_memory
 
     def map(
-        self,
-        items: Iterable[Item],
-        process: Callable[[Item, State], None],
-        make_state: Callable[[], State],
+        self, items: Iterable[Item], process: Process, make_state: Callable[[], State]
     ) -> list[State]:
         states = run_items(items, process, make_state, self.workers)
         if self.trim and self.workers > 1:
