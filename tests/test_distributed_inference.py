@@ -88,6 +88,7 @@ def test_one_process_writes_what_the_upscaler_makes_and_reports_bad_images(
     assert [job.lr for job in pending_jobs(jobs)] == [broken]
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_files_as_one(
     folders: tuple[Path, Path, Path], tmp_path: Path, one_thread: None
 ) -> None:

@@ -23,7 +23,7 @@ def cited_result_folders() -> set[str]:
     for document in CITING_DOCS:
         for path in re.findall(r"results/[\w{},./-]+", document.read_text(encoding="utf-8")):
             cited.update(p.rstrip("/.,") for p in expand_braces(path))
-    return cited
+    return {path for path in cited if not Path(path).suffix}  # folders, not files such as .md
 
 
 def result_folders() -> set[str]:

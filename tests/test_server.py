@@ -250,7 +250,7 @@ def test_page_docs_and_assets_are_served_offline(client: TestClient) -> None:
     operation = client.get("/openapi.json").json()["paths"]["/api/upscale"]["post"]
     assert {"image/png", "application/json"} <= set(operation["responses"]["200"]["content"])
     assert {"400", "413", "422"} <= set(operation["responses"])
-    assert [p["name"] for p in operation["parameters"]] == ["format"]
+    assert [p["name"] for p in operation["parameters"]] == ["format", "model"]
 
 
 def test_serve_cli_help_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -87,6 +87,7 @@ def column(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(row[name]) for row in rows if row.get(name)]
 
 
+@pytest.mark.slow
 def test_rec_recipe_fits_resumes_validates_tests_and_exports(workdir, capsys):
     run = workdir / "runs" / "ttsr_rec"
     main(["fit", *recipe("ttsr_rec", workdir), "--trainer.max_epochs=2"])
@@ -137,6 +138,7 @@ def test_rec_recipe_fits_resumes_validates_tests_and_exports(workdir, capsys):
         assert torch.equal(started["model." + key], value), key
 
 
+@pytest.mark.slow
 def test_gan_recipe_warms_up_then_trains_critic_and_generator(workdir):
     run = workdir / "runs" / "ttsr_gan"
     main(

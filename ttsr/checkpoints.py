@@ -299,7 +299,7 @@ class TTSRWeights(Enum):
         },
     )
     #: What ``Upscaler.from_checkpoint()`` and the command-line tools use when not told.
-    DEFAULT = BICUBIC
+    DEFAULT = REAL
 
     @classmethod
     def get(cls, name: str) -> ShippedWeights:

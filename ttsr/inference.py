@@ -2,7 +2,8 @@
 
 ::
 
-    upscaler = Upscaler.from_checkpoint()            # the shipped checkpoint, CPU or GPU
+    upscaler = Upscaler.from_checkpoint()            # the default shipped model ("real")
+    upscaler = Upscaler.from_checkpoint("bicubic")   # another shipped model, by name
     result = upscaler.upscale("lr.png", ["ref1.jpg", "ref2.jpg"])
     result.sr.save("sr.png"); result.attention_map().save("attention.png")
 
@@ -63,6 +64,35 @@ Progress = Callable[[int, int], None]
 def default_checkpoint_path() -> Path:
     """Where the default shipped model's file lives (it may not be installed)."""
     return TTSRWeights.DEFAULT.value.path
+
+
+def shipped_model_names() -> tuple[str, ...]:
+    """Names of the shipped models (``--model``), the default first."""
+    default = TTSRWeights.DEFAULT.value.name
+    return (default, *(w.value.name for w in TTSRWeights if w.value.name != default))
+
+
+def resolve_model(checkpoint: str | os.PathLike | None) -> tuple[str, Path]:
+    """``(name, file)`` of a shipped model name, ``None`` (the default) or a checkpoint path.
+
+    Raises :class:`CheckpointError` when a shipped model's file is not installed.
+    """
+    if checkpoint is not None and not (
+        isinstance(checkpoint, str) and checkpoint in shipped_model_names()
+    ):
+        return str(checkpoint), Path(checkpoint)
+    if checkpoint is None:
+        name, path = TTSRWeights.DEFAULT.value.name, default_checkpoint_path()
+    else:
+        name, path = checkpoint, TTSRWeights.get(str(checkpoint)).path
+    if not path.is_file():
+        others = [n for n in shipped_model_names() if n != name]
+        raise CheckpointError(
+            f"the {name!r} model ({path}) is not installed in this build; choose "
+            + "".join(f"--model {n} or " for n in others)
+            + "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
+        )
+    return name, path
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -239,6 +269,7 @@ class Upscaler:
             allows (the whole image when it fits).
         reference_alignment: match each reference's colours to the LR's before the search
             (:mod:`ttsr.reference_alignment`): ``"none"``, ``"meanstd"`` or ``"histogram"``.
+        model_name: what the model is called in messages (a shipped name or a file).
     """
 
     def __init__(
@@ -248,7 +279,9 @@ class Upscaler:
         max_memory: int | None = None,
         tile_size: int | None = None,
         reference_alignment: Alignment = "none",
+        model_name: str = "custom model",
     ) -> None:
+        self.model_name = model_name
         if reference_alignment not in ALIGNMENTS:
             raise InputError(
                 f"unknown reference alignment {reference_alignment!r}; use one of "
@@ -269,21 +302,21 @@ class Upscaler:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | None = None,
         device: str | torch.device = "auto",
         max_memory: int | None = None,
         tile_size: int | None = None,
         reference_alignment: Alignment = "none",
     ) -> Upscaler:
-        """Load a ttsr checkpoint (weights only); ``None``: the checkpoint shipped with ttsr."""
-        if path is None:
-            path = default_checkpoint_path()
-            if not path.is_file():
-                raise CheckpointError(
-                    f"the checkpoint shipped with ttsr ({path}) is not installed in this build; "
-                    "pass --checkpoint PATH (convert released TTSR weights with ttsr-convert)"
-                )
-        return cls(load_checkpoint(path), device, max_memory, tile_size, reference_alignment)
+        """A shipped model by name, or a ttsr checkpoint file (weights only).
+
+        ``checkpoint``: ``"real"`` or ``"bicubic"`` (:class:`~ttsr.checkpoints.TTSRWeights`),
+        ``None`` for the default shipped model (``"real"``), or the path of any ttsr checkpoint
+        (a ``str`` that names a shipped model is that model: pass a ``Path`` for a file so named).
+        """
+        name, path = resolve_model(checkpoint)
+        model = load_checkpoint(path)
+        return cls(model, device, max_memory, tile_size, reference_alignment, model_name=name)
 
     @property
     def runtime(self) -> CPURuntime:

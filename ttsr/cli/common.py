@@ -11,12 +11,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from ttsr.checkpoints import CheckpointError
+from ttsr.checkpoints import CheckpointError, TTSRWeights
 from ttsr.imaging import InputError
-from ttsr.inference import Upscaler
+from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import parse_size
 from ttsr.reference_alignment import ALIGNMENTS
 
@@ -81,6 +82,19 @@ def run_guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
         library_logger.setLevel(previous_level)
 
 
+#: A CLI's body: ``run(args, parser) -> exit code``; ``parser.error`` for bad option combinations.
+CliBody = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def run_cli(
+    prog: str, parser: argparse.ArgumentParser, body: CliBody, argv: Sequence[str] | None
+) -> int:
+    """A CLI's ``main``: parse ``argv`` (``None``: the command line), then run ``body`` under
+    :func:`run_guarded` (one stderr line and exit code 2 for bad input; ``--debug`` re-raises)."""
+    args = parser.parse_args(argv)
+    return run_guarded(prog, lambda: body(args, parser), debug=args.debug)
+
+
 def _message(failure: BaseException) -> str:
     if isinstance(failure, OSError) and not isinstance(failure, InputError):
         where = f" ({failure.filename})" if failure.filename else ""
@@ -108,13 +122,20 @@ def positive_int(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--device``, ``--max-memory``, ``--tile``."""
+    """Model choice (``--model`` or ``--checkpoint``) and resources (device, memory, tiles)."""
     group = parser.add_argument_group("model and resources")
+    names = shipped_model_names()
+    described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
+    group.add_argument(
+        "--model",
+        choices=names,
+        help=f"shipped model to use (default: {names[0]}). {described}",
+    )
     group.add_argument(
         "--checkpoint",
         metavar="PATH",
-        help="ttsr checkpoint (.pt) to use; default: the checkpoint shipped with ttsr "
-        "(convert released TTSR weights with ttsr-convert)",
+        help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert released "
+        "TTSR weights with ttsr-convert)",
     )
     group.add_argument(
         "--device",
@@ -154,22 +175,6 @@ def command_parser(prog: str, description: str, epilog: str) -> argparse.Argumen
     )
 
 
-#: A command's body: ``run(args, parser) -> exit code``.
-Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
-
-
-def command_main(
-    prog: str,
-    build_parser: Callable[[], argparse.ArgumentParser],
-    run: Command,
-    argv: Sequence[str] | None,
-) -> int:
-    """Parse ``argv`` and run the command under :func:`run_guarded` (``--debug`` honoured)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(prog, lambda: run(args, parser), debug=args.debug)
-
-
 def examples(docstring: str) -> str:
     """An ``examples:`` epilog from the command lines in a CLI module's docstring."""
     lines = [line.strip() for line in docstring.splitlines() if line.strip().startswith("ttsr-")]
@@ -182,10 +187,28 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def chosen_model(args: argparse.Namespace) -> str | Path | None:
+    """What :func:`add_model_arguments` options ask for: a file, a shipped name or the default."""
+    if args.checkpoint and args.model:
+        raise InputError("give --model NAME or --checkpoint PATH, not both")
+    return Path(args.checkpoint) if args.checkpoint else args.model
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model in words for reports: ``"real"``, ``"bicubic"`` or the checkpoint's path."""
+    return str(chosen_model(args) or shipped_model_names()[0])
+
+
+def describe_model(upscaler: Upscaler) -> str:
+    """``"the real model"`` for a shipped model, ``"checkpoint PATH"`` for a file."""
+    name = upscaler.model_name
+    return f"the {name} model" if name in shipped_model_names() else f"checkpoint {name}"
+
+
 def build_upscaler(args: argparse.Namespace) -> Upscaler:
     """The :class:`Upscaler` described by :func:`add_model_arguments` options."""
     return Upscaler.from_checkpoint(
-        args.checkpoint,
+        chosen_model(args),
         device=args.device,
         max_memory=args.max_memory,
         tile_size=args.tile,

@@ -17,11 +17,7 @@ from pathlib import Path
 
 from ttsr.checkpoints import convert_released_checkpoint
 from ttsr.cli import common
-from ttsr.cli.common import (
-    EXIT_OK,
-    add_debug_argument,
-    examples,
-)
+from ttsr.cli.common import EXIT_OK, add_debug_argument, examples, run_cli
 from ttsr.imaging import check_writable
 
 PROG = "ttsr-convert"
@@ -46,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     destination = check_writable(Path(args.destination), image=False)
     config = convert_released_checkpoint(args.source, destination, res_scale=args.res_scale)
     blocks = "+".join(str(n) for n in config.num_res_blocks)
@@ -58,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.command_main(PROG, build_parser, lambda args, _: run(args), argv)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from ttsr.cli.common import (
     add_model_arguments,
     build_upscaler,
     examples,
+    model_label,
     positive_int,
+    run_cli,
 )
 from ttsr.data.real_degradation import LRCorruption
 from ttsr.evaluation import (
@@ -271,7 +273,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "border": args.border,
         "lr_corruption": corruption.tag if corruption else None,
         "seed": args.seed if args.noise else None,
-        "checkpoint": None if args.bicubic_only else str(args.checkpoint or "shipped"),
+        "model": None if args.bicubic_only else model_label(args),
         "reference_alignment": None if args.bicubic_only else args.align_ref,
         "protocol": "HR cropped to a multiple of 4, PIL bicubic x4 down, then the LR corruption "
         "(blur, noise, JPEG); Y (BT.601) PSNR/SSIM",
@@ -283,12 +285,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
         save_image(summary_chart(table, title), out / "summary.png")
     count = f"{len(table.rows)} {unit}{'s' * (len(table.rows) != 1)}"
-    print(f"{PROG}: {count}; results in {out}/results.json and results.csv")
+    model = "" if args.bicubic_only else f" with the {model_label(args)} model"
+    if args.checkpoint:
+        model = f" with checkpoint {args.checkpoint}"
+    print(f"{PROG}: {count}{model}; results in {out}/results.json and results.csv")
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.command_main(PROG, build_parser, run, argv)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

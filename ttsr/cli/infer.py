@@ -27,7 +27,9 @@ from ttsr.cli.common import (
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
+    describe_model,
     examples,
+    run_cli,
 )
 from ttsr.imaging import (
     InputError,
@@ -227,7 +229,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     where = jobs[0].out if len(jobs) == 1 else jobs[0].out.parent
     peak = max(p.estimate.peak for p in plans)
     print(
-        f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 in {elapsed:.1f} s on "
+        f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 with "
+        f"{describe_model(upscaler)} in {elapsed:.1f} s on "
         f"{upscaler.device} ({total_tiles} tile{'s' * (total_tiles != 1)}, estimated peak "
         f"{format_size(peak)} of a {format_size(upscaler.max_memory)} budget) -> {where}"
     )
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.command_main(PROG, build_parser, run, argv)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from ttsr.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     add_debug_argument,
+    error,
     memory_size,
     positive_int,
+    run_cli,
 )
 from ttsr.cli.infer import add_extra_arguments, extra_outputs, plan_jobs
 from ttsr.imaging import check_writable, image_size
@@ -41,7 +43,7 @@ def devices_count(text: str) -> int | str:
 
 def report_failure(job: object, message: str) -> None:
     """One stderr line per refused image (module level: picklable for ``ddp_spawn``)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    error(PROG, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,13 +161,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         + f" -> {where}"
     )
     if summary.failed:
-        print(f"{PROG}: error: {summary.failed} images failed (see above)", file=sys.stderr)
+        error(PROG, f"{summary.failed} images failed (see above)")
         return EXIT_BAD_INPUT
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.command_main(PROG, build_parser, run, argv)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``ttsr-serve``: a local web page (and HTTP API) to upscale images x4 with reference images.
 
-ttsr-serve                                          # http://127.0.0.1:8000, shipped checkpoint
+ttsr-serve                                          # http://127.0.0.1:8000, the real model
+ttsr-serve --model bicubic                          # the research-protocol model by default
 ttsr-serve --port 8080 --checkpoint my.pt --max-memory 4GB
 ttsr-serve --host 0.0.0.0 --max-upload-mb 10        # other machines too: there is no login!
 curl -F lr=@photo.png -F ref=@other.jpg http://127.0.0.1:8000/api/upscale -o photo_x4.png
@@ -13,18 +14,23 @@ import errno
 import ipaddress
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import partial
 
+from ttsr.checkpoints import TTSRWeights
 from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
     add_model_arguments,
     build_upscaler,
+    describe_model,
     positive_int,
+    run_cli,
 )
 from ttsr.imaging import InputError
+from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import format_size
 
 PROG = "ttsr-serve"
@@ -121,14 +127,36 @@ def is_loopback(listener: socket.socket) -> bool:
     return ipaddress.ip_address(listener.getsockname()[0]).is_loopback
 
 
-def run(args: argparse.Namespace) -> int:
+def offered_models(
+    args: argparse.Namespace, upscaler: Upscaler
+) -> dict[str, Upscaler | Callable[[], Upscaler]]:
+    """The models the page offers: ``upscaler`` first; with a shipped model, the other shipped
+    models whose files are installed too (each loaded when first chosen)."""
+    models: dict[str, Upscaler | Callable[[], Upscaler]] = {upscaler.model_name: upscaler}
+    if args.checkpoint:
+        return models
+    for name in shipped_model_names():
+        if name not in models and TTSRWeights.get(name).path.is_file():
+            models[name] = partial(
+                Upscaler.from_checkpoint,
+                name,
+                device=args.device,
+                max_memory=args.max_memory,
+                tile_size=args.tile,
+                reference_alignment=args.align_ref,
+            )
+    return models
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from ttsr.server.app import LOOPBACK_NAMES, MB, ServerSettings, create_app
 
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
-    upscaler = build_upscaler(args)
+    upscaler = build_upscaler(args)  # the default model now: a missing file stops here
+    models = offered_models(args, upscaler)
     listener = listening_socket(args.host, args.port)
     loopback = is_loopback(listener)
     settings = ServerSettings(
@@ -137,12 +165,14 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         allowed_hosts=(*LOOPBACK_NAMES, args.host.lower()) if loopback else None,
     )
-    app = create_app(upscaler, settings=settings)
+    app = create_app(models, settings=settings)
     address, port = listener.getsockname()[:2]
     shown = f"[{address}]" if ":" in address else address
+    others = "; the page also offers " + ", ".join(list(models)[1:]) if len(models) > 1 else ""
     print(
-        f"{PROG}: serving http://{shown}:{port}/ (model on {upscaler.device}, memory budget "
-        f"{format_size(upscaler.max_memory)} per image); press Ctrl+C to stop",
+        f"{PROG}: serving http://{shown}:{port}/ ({describe_model(upscaler)} on "
+        f"{upscaler.device}{others}, memory budget {format_size(upscaler.max_memory)} per "
+        "image); press Ctrl+C to stop",
         file=sys.stderr,
     )
     if not loopback:
@@ -159,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.command_main(PROG, build_parser, lambda args, _: run(args), argv)
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -122,6 +122,8 @@ class UpscaleJSON(BaseModel):
 class ServerInfo(BaseModel):
     """What this server runs and accepts."""
 
+    model: str = Field(description="the model used when a request names none")
+    models: list[str] = Field(description="the models a request may choose (?model=NAME)")
     device: str
     uses_references: bool
     max_upload_bytes: int
@@ -392,8 +394,39 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+UpscalerSource = Upscaler | Callable[[], Upscaler]
+
+
+class _Models:
+    """The models a server offers, by name, each built on first use; the first is the default."""
+
+    def __init__(self, sources: Mapping[str, UpscalerSource]) -> None:
+        if not sources:
+            raise ValueError("a server needs at least one model")
+        self.holders = {name: _UpscalerHolder(source) for name, source in sources.items()}
+        self.default = next(iter(self.holders))
+
+    async def get(self, name: str | None = None) -> tuple[str, Upscaler]:
+        """The model called ``name`` (``None``: the default); 400 for an unknown name, 503 for
+        one that cannot be loaded."""
+        name = self.default if name is None else name
+        holder = self.holders.get(name)
+        if holder is None:
+            offered = ", ".join(self.holders)
+            raise ApiError(400, f"unknown model {name!r}; this server offers {offered}")
+        try:
+            return name, await holder.aget()
+        except CheckpointError as failure:
+            if name == self.default:
+                raise
+            logger.error("cannot load the %s model: %s", name, failure)
+            raise ApiError(
+                503, f"the {name!r} model is not available on this server; choose another"
+            ) from None
+
+
 def create_app(
-    upscaler: Upscaler | Callable[[], Upscaler] | None = None,
+    upscaler: UpscalerSource | Mapping[str, UpscalerSource] | None = None,
     *,
     checkpoint: str | os.PathLike | None = None,
     device: str = "auto",
@@ -402,9 +435,10 @@ def create_app(
 ) -> FastAPI:
     """The web application.
 
-    ``upscaler``: a ready :class:`Upscaler`, or a function that builds one (called on first use);
-    ``None``: ``Upscaler.from_checkpoint(checkpoint, device, max_memory)``. ``settings``: the
-    upload, reference, queue and host limits.
+    ``upscaler``: a ready :class:`Upscaler` or a function that builds one (called on first use),
+    or several of them by name (the page and ``?model=NAME`` choose; the first is the default);
+    ``None``: ``Upscaler.from_checkpoint(checkpoint, device, max_memory)``, by default the shipped
+    ``real`` model. ``settings``: the upload, reference, queue and host limits.
     """
     settings = settings or ServerSettings()
     if settings.temp_dir is not None:
@@ -413,7 +447,8 @@ def create_app(
         upscaler = partial(
             Upscaler.from_checkpoint, checkpoint, device=device, max_memory=max_memory
         )
-    holder = _UpscalerHolder(upscaler)
+    sources = upscaler if isinstance(upscaler, Mapping) else {_model_name(upscaler): upscaler}
+    models = _Models(sources)
     worker = _Worker(settings.max_queue)
 
     @asynccontextmanager
@@ -450,8 +485,10 @@ def create_app(
 
     @app.get("/api/info", response_model=ServerInfo, summary="What this server runs and accepts")
     async def info() -> ServerInfo:
-        model = await holder.aget()
+        name, model = await models.get()
         return ServerInfo(
+            model=name,
+            models=list(models.holders),
             device=str(model.device),
             uses_references=bool(model.model.config.use_texture),
             max_upload_bytes=settings.max_upload_bytes,
@@ -490,6 +527,14 @@ def create_app(
                 description="png: the x4 image; json: the image and the maps as base64 PNGs",
             ),
         ] = "png",
+        model_name: Annotated[
+            str | None,
+            Query(
+                alias="model",
+                description="the model to use, one of /api/info's models (default: the "
+                "server's model)",
+            ),
+        ] = None,
     ) -> Response:
         """One job at a time per server process; others wait in a bounded queue. Every upload
         is kept only in a temporary folder deleted when the request ends."""
@@ -501,7 +546,7 @@ def create_app(
             )
         stem = Path(safe_file_name(lr.filename, "image")).stem
         filename = f"{stem}_x4.png"
-        model = await holder.aget()
+        _, model = await models.get(model_name)
         with tempfile.TemporaryDirectory(prefix="ttsr-serve-", dir=settings.temp_dir) as temp:
             folder = Path(temp)
             try:
@@ -524,6 +569,10 @@ def create_app(
         )
 
     return app
+
+
+def _model_name(source: UpscalerSource) -> str:
+    return source.model_name if isinstance(source, Upscaler) else "default"
 
 
 def _stage_all(

@@ -90,7 +90,9 @@ function postUpscale(form) {
   // XMLHttpRequest rather than fetch: it reports upload progress.
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
-    request.open("POST", "/api/upscale?format=json");
+    const model = $("model-select").value;
+    const query = model ? `&model=${encodeURIComponent(model)}` : "";
+    request.open("POST", `/api/upscale?format=json${query}`);
     request.responseType = "json";
     request.upload.addEventListener("progress", (event) => {
       if (event.lengthComputable) {
@@ -194,11 +196,31 @@ function wireSlider() {
   });
 }
 
+const MODEL_NOTES = {
+  real: "real: for phone photos, web images, JPEG'd or noisy inputs",
+  bicubic: "bicubic: the research protocol (clean bicubic downscales)",
+};
+
+function showModels(models, chosen) {
+  const select = $("model-select");
+  select.replaceChildren(
+    ...models.map((name) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = MODEL_NOTES[name] || name;
+      option.selected = name === chosen;
+      return option;
+    }),
+  );
+  $("model-choice").hidden = models.length < 2;
+}
+
 async function loadLimits() {
   try {
     const response = await fetch("/api/info");
     if (!response.ok) return;
     state.limits = await response.json();
+    showModels(state.limits.models || [], state.limits.model);
     $("limits").textContent =
       `Up to ${formatBytes(state.limits.max_upload_bytes)} per image, ` +
       `${state.limits.max_references} references; runs on ${state.limits.device}.`;
