@@ -805,19 +805,21 @@ def search_with_tables(
     keys = [k.detach() for k in keys_lv3]
     rows, key_rows = step_sizes(batch, width, [(k.size(2), k.size(3)) for k in keys], step_elements)
     screen = resolve_screening(screening, query_lv3)
-    runtime.next_phase()
-    search = _Search(
-        PatchTables.of(query_lv3.detach(), keys, runtime),
-        rows_per_step or rows,
-        key_rows_per_chunk or key_rows,
-        runtime,
-    )
-    if screen:
-        margin = search.prepare_screening()
-        found = runtime.serial(lambda: search.screened(margin))
-    else:
-        found = runtime.serial(search.exact)
-    return found.view(batch, height * width), search.tables
+
+    def run() -> tuple[Tensor, PatchTables]:
+        runtime.next_phase()
+        search = _Search(
+            PatchTables.of(query_lv3.detach(), keys, runtime),
+            rows_per_step or rows,
+            key_rows_per_chunk or key_rows,
+            runtime,
+        )
+        found = search.screened(search.prepare_screening()) if screen else search.exact()
+        return found.view(batch, height * width), search.tables
+
+    # Tables, norms and bounds are many small operations too: the whole search is one serial
+    # phase of the runtime (one intra-op thread), its work items go to the runtime's workers.
+    return runtime.serial(run)
 
 
 def search_best_positions(
