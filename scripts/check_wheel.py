@@ -2,6 +2,7 @@
 
     python scripts/check_wheel.py                  # build from this checkout, check, report size
     python scripts/check_wheel.py --wheel dist/ttsr-0.1.0-py3-none-any.whl
+    python scripts/check_wheel.py --model bicubic  # the CLIs with that shipped model
 
 Checks, failing with one line each: the wheel holds the shipped checkpoint, the VGG19 weights,
 the demo pair, their READMEs and the licence, byte for byte as in the checkout; its size is the
@@ -35,9 +36,9 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Wheel member -> the checkout file it must equal.
+#: Wheel member -> the checkout file it must equal (and every ``checkpoints/*.pt``, see
+#: :func:`shipped_files`).
 SHIPPED = {
-    "ttsr/pretrained/ttsr_demo.pt": "checkpoints/ttsr_demo.pt",
     "ttsr/pretrained/README.md": "checkpoints/README.md",
     "ttsr/weights/vgg19_relu3_1_imagenet.pth": "ttsr/weights/vgg19_relu3_1_imagenet.pth",
     "ttsr/weights/README.md": "ttsr/weights/README.md",
@@ -91,10 +92,20 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def shipped_files() -> dict[str, str]:
+    """Wheel member -> checkout file: :data:`SHIPPED` and the checkpoints (``ttsr/pretrained``
+    is a link to ``checkpoints/``; the wheel must hold the files, not the link)."""
+    checkpoints = sorted((ROOT / "checkpoints").glob("*.pt"))
+    if not checkpoints:
+        raise CheckFailed("no checkpoints/*.pt in the checkout")
+    pretrained = {f"ttsr/pretrained/{p.name}": f"checkpoints/{p.name}" for p in checkpoints}
+    return {**pretrained, **SHIPPED}
+
+
 def check_contents(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        for member, original in SHIPPED.items():
+        for member, original in shipped_files().items():
             if member not in names:
                 raise CheckFailed(f"{wheel.name} lacks {member}")
             if sha256(archive.read(member)) != sha256((ROOT / original).read_bytes()):
@@ -143,21 +154,19 @@ def run_checked(argv: list[str], cwd: Path, env: dict[str, str], timeout: float)
 
 
 def check_import(python: Path, venv: Path, work: Path, env: dict[str, str]) -> Path:
-    probe = (
-        "import ttsr, ttsr.inference as i; print(ttsr.__file__); print(i.default_checkpoint_path())"
-    )
-    module, checkpoint = run_checked([str(python), "-c", probe], work, env, 120).split()
-    if not Path(module).resolve().is_relative_to(venv.resolve()):
+    """``ttsr`` imports from the venv (not from the checkout): its package folder."""
+    probe = "import ttsr; print(ttsr.__file__)"
+    module = Path(run_checked([str(python), "-c", probe], work, env, 120).strip())
+    if not module.resolve().is_relative_to(venv.resolve()):
         raise CheckFailed(f"ttsr was imported from {module}, not from the wheel in {venv}")
-    if not Path(checkpoint).is_file():
-        raise CheckFailed(f"the installed default checkpoint {checkpoint} is missing")
-    return Path(module).parent
+    return module.parent
 
 
-def check_infer_demo(venv: Path, work: Path, env: dict[str, str]) -> float:
+def check_infer_demo(venv: Path, work: Path, env: dict[str, str], model: list[str]) -> float:
     started = time.perf_counter()
     out = work / "demo_sr.png"
     argv = [str(venv / "bin" / "ttsr-infer"), "--demo", "--out", str(out), "--device", "cpu"]
+    argv += model
     run_checked(argv, work, env, 600)
     with Image.open(out) as image:
         if image.size != DEMO_SR_SIZE:
@@ -197,10 +206,12 @@ def wait_for_page(url: str, server: subprocess.Popen, timeout: float) -> str:
     raise CheckFailed(f"ttsr-serve did not answer {url} within {timeout:.0f} s")
 
 
-def check_serve(venv: Path, package: Path, work: Path, env: dict[str, str]) -> float:
+def check_serve(
+    venv: Path, package: Path, work: Path, env: dict[str, str], model: list[str]
+) -> float:
     started = time.perf_counter()
     port = free_port()
-    argv = [str(venv / "bin" / "ttsr-serve"), "--port", str(port), "--device", "cpu"]
+    argv = [str(venv / "bin" / "ttsr-serve"), "--port", str(port), "--device", "cpu", *model]
     log = (work / "serve.log").open("w")
     server = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -233,7 +244,11 @@ def check_serve(venv: Path, package: Path, work: Path, env: dict[str, str]) -> f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", type=Path, help="check this wheel instead of building one")
+    parser.add_argument(
+        "--model", help="run the CLIs with --model NAME (default: their default model)"
+    )
     args = parser.parse_args()
+    model = ["--model", args.model] if args.model else []
     with tempfile.TemporaryDirectory(prefix="ttsr-wheel-") as temporary:
         tmp = Path(temporary)
         try:
@@ -248,8 +263,8 @@ def main() -> int:
             work = tmp / "work"
             work.mkdir()
             package = check_import(python, venv, work, env)
-            infer_seconds = check_infer_demo(venv, work, env)
-            serve_seconds = check_serve(venv, package, work, env)
+            infer_seconds = check_infer_demo(venv, work, env, model)
+            serve_seconds = check_serve(venv, package, work, env, model)
         except CheckFailed as failure:
             print(f"check_wheel: error: {failure}", file=sys.stderr)
             return 2

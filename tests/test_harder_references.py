@@ -106,6 +106,17 @@ def test_harder_options_off_leave_the_research_references_unchanged():
     assert np.array_equal(default.ref, again.ref)
 
 
+def test_harder_probability_keeps_a_share_of_exact_references():
+    photo = smooth_photo()
+    options = SyntheticOptions(**PLAIN, exposure=1.0, harder_probability=0.5)
+    exact = 0
+    for seed in range(40):
+        pair = synthesize_pair(photo, 48, 48, np.random.default_rng(seed), options)
+        hr_part, ref_part = shared_windows(pair, 48)
+        exact += bool(np.array_equal(hr_part, ref_part))
+    assert 8 <= exact <= 32  # about half, never all nor none
+
+
 def test_harder_options_are_checked():
     with pytest.raises(ValueError, match="perspective"):
         SyntheticOptions(perspective=1.5)

@@ -63,7 +63,9 @@ def uploads(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(upscaler: Upscaler, uploads: Path) -> Iterator[TestClient]:
-    settings = ServerSettings(max_upload_bytes=40_000, max_references=3, temp_dir=uploads)
+    settings = ServerSettings(
+        max_upload_bytes=40_000, max_references=3, max_album=3, temp_dir=uploads
+    )
     with TestClient(create_app(upscaler, settings=settings)) as test_client:
         yield test_client
     assert list(uploads.iterdir()) == [], "an upload folder was left behind"
@@ -250,7 +252,7 @@ def test_page_docs_and_assets_are_served_offline(client: TestClient) -> None:
     operation = client.get("/openapi.json").json()["paths"]["/api/upscale"]["post"]
     assert {"image/png", "application/json"} <= set(operation["responses"]["200"]["content"])
     assert {"400", "413", "422"} <= set(operation["responses"])
-    assert [p["name"] for p in operation["parameters"]] == ["format", "model"]
+    assert [p["name"] for p in operation["parameters"]] == ["top_k", "format", "model"]
 
 
 def test_serve_cli_help_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

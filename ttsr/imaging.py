@@ -185,6 +185,33 @@ def load_rgb(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
         return pil_to_rgb(image, str(path))
 
 
+def load_rgb_reduced(
+    path: str | os.PathLike,
+    divisor: float | None = None,
+    long_side: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file shrunk (PIL bicubic) by ``divisor`` or to a ``long_side``, never enlarged,
+    and its full ``(height, width)``.
+
+    Like :func:`load_rgb` but cheaper for large photos: a JPEG is decoded at the smallest of its
+    built-in reduced scales that is still large enough (``draft``).
+    """
+    path = Path(path)
+    with _open(path, max_pixels) as image:
+        height, width = _oriented_size(image)
+        if divisor is None:
+            divisor = max(height, width) / long_side if long_side else 1.0
+        divisor = max(1.0, divisor)
+        target = (max(1, round(width / divisor)), max(1, round(height / divisor)))
+        if image.format == "JPEG":
+            image.draft(None, (max(target), max(target)))  # both sides stay >= the target
+        rgb = pil_to_rgb(image, str(path))
+    if rgb.shape[:2] != (target[1], target[0]):
+        rgb = np.asarray(Image.fromarray(rgb).resize(target, Image.BICUBIC))
+    return rgb, (height, width)
+
+
 def array_to_rgb(array: np.ndarray) -> np.ndarray:
     """Validate an in-memory image: ``HxWx3`` uint8 (``HxW`` greyscale is converted)."""
     if array.dtype != np.uint8:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from ttsr import visualize
+from ttsr.album import DEFAULT_TOP_K, Album, AlbumMatches
 from ttsr.checkpoints import CheckpointError, TTSRWeights, load_checkpoint
 from ttsr.data.degradation import SCALE, reference_pair, to_tensor, to_uint8, upsample
 from ttsr.imaging import (
@@ -168,7 +169,8 @@ class UpscaleResult:
     ``sr`` and ``bicubic`` (the LR-up) are PIL images; ``soft_attention`` ``[H, W]`` float32 is
     the relevance of the best reference match at each LR position; ``correspondence`` says where
     that match is. Both are ``None`` for a model without a texture path. ``references`` are the
-    references as used (cropped to multiples of 4).
+    references as used (cropped to multiples of 4); ``matches``: how they were chosen, when they
+    came from an album.
     """
 
     sr: Image.Image
@@ -177,6 +179,7 @@ class UpscaleResult:
     correspondence: Correspondence | None
     references: tuple[np.ndarray, ...]
     plan: TilePlan
+    matches: AlbumMatches | None = None
 
     def _require_texture(self) -> Correspondence:
         if self.correspondence is None or self.soft_attention is None:
@@ -448,20 +451,40 @@ class Upscaler:
             check_inputs(inputs.lr, inputs.lrsr, inputs.refs, inputs.refsrs)
         return inputs
 
+    def choose_references(
+        self, lr: ImageSource, album: Album | str | os.PathLike, top_k: int = DEFAULT_TOP_K
+    ) -> AlbumMatches:
+        """Up to ``top_k`` references for ``lr`` from an album (a folder or an :class:`Album`,
+        whose cached index is read or made first): see :mod:`ttsr.album`."""
+        if not self.model.config.use_texture:
+            raise InputError("this checkpoint's model uses no references: an album cannot help")
+        album = album if isinstance(album, Album) else Album(album)
+        return album.select(lr, self.model, top_k)
+
     def upscale(
         self,
         lr: ImageSource,
-        refs: ImageSource | Sequence[ImageSource] | None,
+        refs: ImageSource | Sequence[ImageSource] | None = None,
         progress: Progress | None = None,
         alignment: Alignment | None = None,
+        *,
+        album: Album | str | os.PathLike | None = None,
+        top_k: int = DEFAULT_TOP_K,
     ) -> UpscaleResult:
-        """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays).
+        """Super-resolve ``lr`` x4 using ``refs`` (one or several; paths, PIL images or arrays),
+        or up to ``top_k`` references chosen from ``album`` (:meth:`choose_references`).
 
         ``alignment`` overrides the upscaler's ``reference_alignment`` for this call.
 
         Raises :class:`~ttsr.imaging.InputError` (a ``ValueError``) for unusable images, sizes
         or a run that does not fit the memory budget, before any heavy work.
         """
+        matches = None
+        if album is not None:
+            if _as_list(refs):
+                raise InputError("give references or an album to choose them from, not both")
+            matches = self.choose_references(lr, album, top_k)
+            refs = list(matches.chosen)
         self.check_sizes(lr, refs)  # refuses early, from the headers
         inputs = self.prepare(lr, refs, alignment)
         plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
@@ -479,6 +502,7 @@ class Upscaler:
             correspondence=correspondence,
             references=references,
             plan=plan,
+            matches=matches,
         )
 
     @torch.inference_mode()

@@ -31,14 +31,16 @@ BAD_INPUT = (InputError, CheckpointError, OSError)
 
 
 class _StderrNotes(logging.Handler):
-    """Writes ``PROG: note: message`` to whatever ``sys.stderr`` is when the note is emitted."""
+    """Writes ``PROG: note: message`` (``warning:`` for warnings) to whatever ``sys.stderr`` is
+    when the note is emitted."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(logging.INFO)
         self.prog = prog
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"{self.prog}: note: {record.getMessage()}", file=sys.stderr)
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        print(f"{self.prog}: {kind}: {record.getMessage()}", file=sys.stderr)
 
 
 def error(prog: str, message: str) -> None:

@@ -10,6 +10,7 @@
     ttsr-eval data/val/bsd100 --bicubic-only --limit 10  # the bicubic baseline only
     ttsr-eval data/val/kodak24 --jpeg 75                 # the LR saved as JPEG quality 75
     ttsr-eval --pairs data/pairs --jpeg 75               # NAME/target.png + NAME/ref.png pairs
+    ttsr-eval --pairs data/pairs --album-distractors data/val/bsd100  # references from an album
 
 HR images are cropped to a multiple of 4 and taken down x4 with PIL bicubic; scores are on the
 BT.601 luma of 8-bit images, with no border crop unless --border says so. --blur, --noise and --jpeg
@@ -29,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ttsr.cli import common
+from ttsr.cli.album_eval import add_album_arguments, run_album
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument(
         "--save-summary", action="store_true", help="write OUT/summary.png: a chart of the scores"
     )
+    add_album_arguments(parser)
     add_model_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -264,6 +267,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--pairs evaluates a folder of pairs: leave out the dataset, --hr and --ref")
     out = Path(args.out)
     check_writable(out / "results.json", image=False)
+    if args.album_distractors or args.album_timing:
+        if not args.pairs or args.bicubic_only or not args.album_distractors:
+            parser.error("the album options go with --pairs, --album-distractors and a model")
+        return _evaluate_album(args, out)
     table, unit = _evaluate(args, parser, out)
     corruption = corruption_of(args)
     table.settings = {
@@ -289,6 +296,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.checkpoint:
         model = f" with checkpoint {args.checkpoint}"
     print(f"{PROG}: {count}{model}; results in {out}/results.json and results.csv")
+    return EXIT_OK
+
+
+def _evaluate_album(args: argparse.Namespace, out: Path) -> int:
+    """``--pairs`` with ``--album-distractors``: see :mod:`ttsr.cli.album_eval`."""
+    pairs = pairs_folder_items(Path(args.pairs))[: args.limit]
+    upscaler = build_upscaler(args)
+    for pair in pairs:
+        check_pair(pair, upscaler, args.border)
+    corruption = corruption_of(args)
+    table = run_album(args, pairs, upscaler, out, corruption)
+    if table is None:  # --album-timing
+        return EXIT_OK
+    table.settings.update(
+        checkpoint=str(args.checkpoint or "shipped"),
+        border=args.border,
+        lr_corruption=corruption.tag if corruption else None,
+    )
+    print(table.format())
+    write_atomic(out / "results.json", table.to_json().encode())
+    write_atomic(out / "results.csv", table.to_csv().encode())
+    print(f"{PROG}: {len(table.rows)} pairs; results in {out}/results.json and results.csv")
     return EXIT_OK
 
 

@@ -55,7 +55,12 @@ def megabytes(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ttsr.server.app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REFERENCES, DEFAULT_MAX_UPLOAD_MB
+    from ttsr.server.app import (
+        DEFAULT_MAX_ALBUM,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_REFERENCES,
+        DEFAULT_MAX_UPLOAD_MB,
+    )
 
     parser = common.command_parser(
         PROG,
@@ -88,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_REFERENCES,
         metavar="N",
         help=f"most reference images per request (default: {DEFAULT_MAX_REFERENCES})",
+    )
+    server.add_argument(
+        "--max-album",
+        type=positive_int,
+        default=DEFAULT_MAX_ALBUM,
+        metavar="N",
+        help="most album photos per request, for ttsr to choose the references from "
+        f"(default: {DEFAULT_MAX_ALBUM})",
     )
     server.add_argument(
         "--max-queue",
@@ -162,6 +175,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = ServerSettings(
         max_upload_bytes=int(args.max_upload_mb * MB),
         max_references=args.max_references,
+        max_album=args.max_album,
         max_queue=args.max_queue,
         allowed_hosts=(*LOOPBACK_NAMES, args.host.lower()) if loopback else None,
     )

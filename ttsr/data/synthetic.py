@@ -20,6 +20,8 @@ from one photo:
    way), gamma (``gamma_range``), white balance (per-channel gains within ``white_balance``),
    blur of the reference, a partial occlusion by a patch of elsewhere in the photo, and a light
    JPEG of its own. They stand for another viewpoint, another day and another camera.
+   ``harder_probability`` is the share of references that get them (the others stay exact
+   views of the photo, so that the model keeps learning to copy what matches).
 
 Shrinking (``scale < 1``) first resizes the photo with PIL's antialiased bicubic filter; the
 rotation and any magnification are then one bicubic ``cv2.warpAffine``. Footprints that leave
@@ -66,6 +68,7 @@ class SyntheticOptions:
     occlusion_max_area: float = 0.3
     jpeg_probability: float = 0.0
     jpeg_quality_range: tuple[int, int] = (70, 95)
+    harder_probability: float = 1.0
 
     def __post_init__(self) -> None:
         low, high = self.scale_range
@@ -81,6 +84,7 @@ class SyntheticOptions:
             "occlusion_probability",
             "jpeg_probability",
             "occlusion_max_area",
+            "harder_probability",
         ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -339,7 +343,8 @@ def synthesize_pair(
     )
     ref = warp_reference(photo, center, ref_size, scale, rotation)
     ref = jitter_colors(ref, options.color_jitter, rng)
-    ref = make_harder(ref, photo, options, rng)
+    if options.harder_probability == 1 or rng.random() < options.harder_probability:
+        ref = make_harder(ref, photo, options, rng)
     flipped = bool(rng.random() < options.flip_probability)
     if flipped:
         ref = ref[:, ::-1]

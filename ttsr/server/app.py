@@ -40,9 +40,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ttsr.album import DEFAULT_TOP_K, Album
 from ttsr.checkpoints import CheckpointError
-from ttsr.imaging import InputError
-from ttsr.inference import Upscaler
+from ttsr.imaging import InputError, image_size, require_min_side
+from ttsr.inference import MIN_LR_SIDE, Upscaler
 from ttsr.memory import format_size
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MB = 2**20
 DEFAULT_MAX_UPLOAD_MB = 20
 DEFAULT_MAX_REFERENCES = 8
+DEFAULT_MAX_ALBUM = 60
 DEFAULT_MAX_QUEUE = 8
 
 #: Host names that mean "this machine" (accepted in the ``Host`` header of a loopback server).
@@ -65,7 +67,10 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 
-UPLOAD_HINT = "send multipart/form-data with one 'lr' image file and one or more 'ref' image files"
+UPLOAD_HINT = (
+    "send multipart/form-data with one 'lr' image file and one or more 'ref' image files (or "
+    "'album' photos for ttsr to choose the references from)"
+)
 
 T = TypeVar("T")
 
@@ -75,7 +80,8 @@ class ServerSettings:
     """Limits of one server.
 
     ``max_upload_bytes``: largest image file accepted; ``max_references``: most references per
-    request; ``max_queue``: most requests waiting behind the running one (more get 429);
+    request; ``max_album``: most album photos per request (references chosen by ttsr);
+    ``max_queue``: most requests waiting behind the running one (more get 429);
     ``allowed_hosts``: names accepted in the ``Host`` header (``None``: any; a loopback server
     accepts only loopback names, which defeats DNS rebinding); ``temp_dir``: where the per-request
     upload folders are made (``None``: the system's temporary folder).
@@ -83,6 +89,7 @@ class ServerSettings:
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB
     max_references: int = DEFAULT_MAX_REFERENCES
+    max_album: int = DEFAULT_MAX_ALBUM
     max_queue: int = DEFAULT_MAX_QUEUE
     allowed_hosts: tuple[str, ...] | None = None
     temp_dir: Path | None = None
@@ -90,7 +97,8 @@ class ServerSettings:
     @property
     def max_request_bytes(self) -> int:
         """Largest request body: every image at its limit, plus the multipart framing."""
-        return self.max_upload_bytes * (1 + self.max_references) + FORM_OVERHEAD_BYTES
+        images = 1 + max(self.max_references, self.max_album)
+        return self.max_upload_bytes * images + FORM_OVERHEAD_BYTES
 
 
 class ErrorBody(BaseModel):
@@ -117,6 +125,10 @@ class UpscaleJSON(BaseModel):
         description="each output patch coloured by the reference position its texture came "
         "from, beside the colour key (base64 PNG); null for a model without references"
     )
+    references: list[str] | None = Field(
+        default=None,
+        description="with 'album': the file names of the photos chosen as references, best first",
+    )
 
 
 class ServerInfo(BaseModel):
@@ -128,6 +140,7 @@ class ServerInfo(BaseModel):
     uses_references: bool
     max_upload_bytes: int
     max_references: int
+    max_album: int
     max_memory_bytes: int
     jobs_in_progress: int = Field(description="requests running or waiting now")
 
@@ -337,11 +350,20 @@ class _Rendered:
 
 
 def _render(
-    upscaler: Upscaler, lr: Path, refs: list[Path], filename: str, as_json: bool
+    upscaler: Upscaler,
+    lr: Path,
+    refs: list[Path],
+    filename: str,
+    as_json: bool,
+    album: Path | None = None,
+    top_k: int = DEFAULT_TOP_K,
 ) -> _Rendered:
-    """Upscale and encode (runs on the worker thread)."""
+    """Upscale and encode (runs on the worker thread); with ``album``, references chosen there."""
     started = time.perf_counter()
-    result = upscaler.upscale(lr, refs)
+    if album is None:
+        result = upscaler.upscale(lr, refs)
+    else:  # the index lives only in this request (no cache on disk)
+        result = upscaler.upscale(lr, album=Album(album, cache_dir=False), top_k=top_k)
     seconds = time.perf_counter() - started
     if not as_json:
         return _Rendered(_png(result.sr), None)
@@ -356,8 +378,16 @@ def _render(
         bicubic=_b64_png(result.bicubic),
         attention=_b64_png(result.attention_map()) if texture else None,
         correspondence=_b64_png(result.correspondence_map()) if texture else None,
+        references=None
+        if result.matches is None
+        else [_original_name(p.name) for p in result.matches.chosen],
     )
     return _Rendered(None, payload.model_dump())
+
+
+def _original_name(staged: str) -> str:
+    """An album photo's upload name, without the number :func:`_stage_album` put before it."""
+    return staged.split("-", 1)[1] if "-" in staged else staged
 
 
 def _client_message(failure: BaseException, folder: Path) -> str:
@@ -493,6 +523,7 @@ def create_app(
             uses_references=bool(model.model.config.use_texture),
             max_upload_bytes=settings.max_upload_bytes,
             max_references=settings.max_references,
+            max_album=settings.max_album,
             max_memory_bytes=model.max_memory,
             jobs_in_progress=worker.in_progress,
         )
@@ -519,7 +550,18 @@ def create_app(
                 description="reference image(s) of similar content (another view, a sharper "
                 "photo); repeat the field for several references, searched jointly"
             ),
-        ],
+        ] = [],  # noqa: B006 (FastAPI copies defaults)
+        album: Annotated[
+            list[UploadFile],
+            File(
+                description="instead of 'ref': many photos (repeat the field) for ttsr to "
+                "choose the references from (files that are not images are skipped)"
+            ),
+        ] = [],  # noqa: B006
+        top_k: Annotated[
+            int,
+            Query(ge=1, le=8, description="with 'album': references chosen at most"),
+        ] = DEFAULT_TOP_K,
         output_format: Annotated[
             Literal["png", "json"],
             Query(
@@ -538,6 +580,20 @@ def create_app(
     ) -> Response:
         """One job at a time per server process; others wait in a bounded queue. Every upload
         is kept only in a temporary folder deleted when the request ends."""
+        if ref and album:
+            raise ApiError(400, "send 'ref' images or 'album' photos, not both")
+        if not ref and not album:
+            raise ApiError(
+                400,
+                "missing field 'ref': send one or more 'ref' images, or 'album' photos for ttsr "
+                "to choose the references from",
+            )
+        if len(album) > settings.max_album:
+            raise ApiError(
+                400,
+                f"{len(album)} album photos sent; this server accepts at most "
+                f"{settings.max_album} per image",
+            )
         if len(ref) > settings.max_references:
             raise ApiError(
                 400,
@@ -553,10 +609,18 @@ def create_app(
                 lr_path, ref_paths = await run_in_threadpool(
                     _stage_all, lr, ref, folder, settings.max_upload_bytes
                 )
-                # Header checks and the memory budget, before the job waits in the queue.
-                await run_in_threadpool(model.check_sizes, lr_path, ref_paths)
+                album_path = None
+                if album:
+                    album_path = await run_in_threadpool(
+                        _stage_album, album, folder, settings.max_upload_bytes
+                    )
+                    await run_in_threadpool(_check_lr, lr_path)
+                else:
+                    # Header checks and the memory budget, before the job waits in the queue.
+                    await run_in_threadpool(model.check_sizes, lr_path, ref_paths)
+                as_json = output_format == "json"
                 rendered = await worker.run(
-                    lambda: _render(model, lr_path, ref_paths, filename, output_format == "json")
+                    lambda: _render(model, lr_path, ref_paths, filename, as_json, album_path, top_k)
                 )
             except (InputError, ApiError) as failure:
                 raise _relocated(failure, folder) from None
@@ -581,6 +645,22 @@ def _stage_all(
     lr_path = _stage(lr, folder, "lr", max_bytes)
     ref_paths = [_stage(r, folder, f"ref-{i}", max_bytes) for i, r in enumerate(refs, start=1)]
     return lr_path, ref_paths
+
+
+def _check_lr(path: Path) -> None:
+    """The LR's size from its header (the references are not chosen yet)."""
+    require_min_side(image_size(path), MIN_LR_SIDE, path.name, "low-resolution input")
+
+
+def _stage_album(photos: list[UploadFile], folder: Path, max_bytes: int) -> Path:
+    """Copy the album photos into ``folder/album/`` as ``NNN-<safe name>`` (names stay unique)."""
+    album = folder / "album"
+    album.mkdir()
+    for number, photo in enumerate(photos, start=1):
+        staged = _stage(photo, folder, f"album-{number}", max_bytes)
+        staged.rename(album / f"{number:03d}-{staged.name}")
+        staged.parent.rmdir()
+    return album
 
 
 def _relocated(failure: InputError | ApiError, folder: Path) -> ApiError:

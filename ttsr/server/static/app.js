@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 
-const state = { lr: null, refs: [], limits: null, downloadUrl: null };
+const state = { lr: null, refs: [], album: [], limits: null, downloadUrl: null };
 
 function formatBytes(bytes) {
   if (bytes >= 1 << 20) return `${(bytes / (1 << 20)).toFixed(1)} MB`;
@@ -36,7 +36,7 @@ function showFiles(listId, files) {
 }
 
 function refreshForm() {
-  $("upscale-button").disabled = !(state.lr && state.refs.length);
+  $("upscale-button").disabled = !(state.lr && (state.refs.length || state.album.length));
 }
 
 function chooseLr(files) {
@@ -45,9 +45,25 @@ function chooseLr(files) {
   refreshForm();
 }
 
+function showAlbum() {
+  const count = state.album.length;
+  $("album-count").textContent = count ? `${count} photo${count === 1 ? "" : "s"} to choose from` : "";
+}
+
+// References and an album are alternatives: choosing one clears the other.
 function chooseRefs(files) {
   state.refs = Array.from(files);
+  if (state.refs.length) state.album = [];
   showFiles("ref-list", state.refs);
+  showAlbum();
+  refreshForm();
+}
+
+function chooseAlbum(files) {
+  state.album = Array.from(files);
+  if (state.album.length) state.refs = [];
+  showFiles("ref-list", state.refs);
+  showAlbum();
   refreshForm();
 }
 
@@ -75,13 +91,16 @@ function wireDropzone(zoneId, inputId, choose) {
 function checkLimits() {
   const limits = state.limits;
   if (!limits) return null;
-  const files = [state.lr, ...state.refs];
+  const files = [state.lr, ...state.refs, ...state.album];
   const tooBig = files.find((file) => file.size > limits.max_upload_bytes);
   if (tooBig) {
     return `${tooBig.name} is ${formatBytes(tooBig.size)}; this server accepts images up to ${formatBytes(limits.max_upload_bytes)}.`;
   }
   if (state.refs.length > limits.max_references) {
     return `Choose at most ${limits.max_references} references.`;
+  }
+  if (state.album.length > limits.max_album) {
+    return `Choose at most ${limits.max_album} album photos.`;
   }
   return null;
 }
@@ -106,7 +125,8 @@ function postUpscale(form) {
       const tick = () => {
         if (request.readyState === XMLHttpRequest.DONE) return;
         const seconds = Math.round((performance.now() - started) / 1000);
-        setStatus(`Upscaling on the server... ${seconds} s`);
+        const doing = state.album.length ? "Choosing references and upscaling" : "Upscaling";
+        setStatus(`${doing} on the server... ${seconds} s`);
         setTimeout(tick, 500);
       };
       tick();
@@ -134,6 +154,9 @@ function showResult(body) {
   $("bicubic-image").src = pngUrl(body.bicubic);
   $("sr-image").src = pngUrl(body.sr);
   $("result-size").textContent = `${body.width} x ${body.height}, ${body.seconds.toFixed(1)} s`;
+  const chosen = $("chosen-references");
+  chosen.hidden = !body.references;
+  if (body.references) chosen.textContent = `References chosen from the album: ${body.references.join(", ")}`;
   for (const [id, image] of [["attention-map", body.attention], ["correspondence-map", body.correspondence]]) {
     const figure = $(id).closest("figure");
     figure.hidden = !image;
@@ -158,6 +181,7 @@ async function submit(event) {
   const form = new FormData();
   form.append("lr", state.lr, state.lr.name);
   for (const ref of state.refs) form.append("ref", ref, ref.name);
+  for (const photo of state.album) form.append("album", photo, photo.name);
   $("upscale-button").disabled = true;
   $("progress").value = 0;
   setStatus("Uploading...");
@@ -223,7 +247,8 @@ async function loadLimits() {
     showModels(state.limits.models || [], state.limits.model);
     $("limits").textContent =
       `Up to ${formatBytes(state.limits.max_upload_bytes)} per image, ` +
-      `${state.limits.max_references} references; runs on ${state.limits.device}.`;
+      `${state.limits.max_references} references or ${state.limits.max_album} album photos; ` +
+      `runs on ${state.limits.device}.`;
   } catch (error) {
     // The limits are only a convenience: the server enforces them anyway.
   }
@@ -232,6 +257,7 @@ async function loadLimits() {
 document.addEventListener("DOMContentLoaded", () => {
   wireDropzone("lr-drop", "lr-input", chooseLr);
   wireDropzone("ref-drop", "ref-input", chooseRefs);
+  wireDropzone("album-drop", "album-input", chooseAlbum);
   wireSlider();
   $("upscale-form").addEventListener("submit", submit);
   loadLimits();
