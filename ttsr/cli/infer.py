@@ -77,13 +77,17 @@ EXTRAS = {
 DATA_EXTRAS = {"flow": ".npz", "references": ".json"}
 
 
-def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--save-<kind>`` options of :data:`EXTRAS`."""
+def add_extra_arguments(parser: argparse.ArgumentParser, album: bool = True) -> None:
+    """The ``--save-<option>`` options of :data:`EXTRAS` (``album=False``: without the album's
+    ``--save-matches``, which is off)."""
     extras = parser.add_argument_group(
         "extra outputs (written beside each output as NAME_<kind>.<ext>)"
     )
     for option, (_, description) in EXTRAS.items():
-        extras.add_argument(f"--save-{option}", action="store_true", help=description)
+        if album or option != "matches":
+            extras.add_argument(f"--save-{option}", action="store_true", help=description)
+    if not album:
+        parser.set_defaults(save_matches=False, ref_dir=None)
 
 
 def demo_paths() -> tuple[Path, Path]:

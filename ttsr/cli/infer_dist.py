@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out inputs whose outputs all exist (resume an interrupted run)",
     )
-    add_extra_arguments(parser)
+    add_extra_arguments(parser, album=False)
     scale = parser.add_argument_group("processes")
     scale.add_argument(
         "--accelerator",
