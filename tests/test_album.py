@@ -230,6 +230,12 @@ def test_cli_refuses_references_and_an_album_together(tmp_path, checkpoint, caps
         capsys,
     )
     assert code == 2 and "--ref-dir" in err
+    code, _, err = call(
+        infer.main,
+        ["--lr", lr, "--ref-dir", tmp_path / "nowhere", "--out", tmp_path / "sr.png"],
+        capsys,
+    )
+    assert_bad_input(code, err, PROG, "not a folder")
 
 
 def test_eval_pairs_against_an_album_reports_top1_and_both_psnrs(

@@ -26,15 +26,21 @@ def cited_result_folders() -> set[str]:
     return {path for path in cited if not Path(path).suffix}  # folders, not files such as .md
 
 
+#: What a result folder holds: a validation table, or the results of a ttsr-eval run.
+TABLE_NAMES = ("table.json", "results.json")
+
+
 def result_folders() -> set[str]:
-    tables = (REPO / "results").rglob("table.json")
+    tables = [t for name in TABLE_NAMES for t in (REPO / "results").rglob(name)]
     return {str(table.parent.relative_to(REPO)) for table in tables}
 
 
 def test_every_cited_result_folder_holds_a_table() -> None:
     cited = cited_result_folders()
     assert "results/demo_step5000_ref-lr" in cited
-    missing = sorted(path for path in cited if not (REPO / path / "table.json").is_file())
+    missing = sorted(
+        path for path in cited if not any((REPO / path / n).is_file() for n in TABLE_NAMES)
+    )
     assert not missing, f"cited but absent: {missing}"
 
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs",
         metavar="DIR",
         help="a folder of real pairs NAME/target.png + NAME/ref.png: scores bicubic, the LR as its "
-        "own reference and the real reference, per pair and on average",
+        "own reference and the real reference (with --align-ref, also the real reference "
+        "aligned), per pair and on average",
     )
     refs.add_argument(
         "--ref", metavar="FILE", action="append", default=[], help="reference of --hr (repeatable)"

@@ -195,6 +195,8 @@ def plan_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list
     if not args.lr or not (args.ref or args.ref_dir) or not args.out:
         parser.error("give --lr, --ref or --ref-dir, and --out (or --demo)")
     if args.ref_dir:
+        if not Path(args.ref_dir).is_dir():
+            raise InputError(f"{args.ref_dir} is not a folder; --ref-dir takes a folder of photos")
         return _album_jobs(Path(args.lr), Path(args.out))
     lr, refs, out = Path(args.lr), [Path(r) for r in args.ref], Path(args.out)
     if lr.is_dir():
