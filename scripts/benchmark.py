@@ -230,11 +230,16 @@ QUICK_SIZES = {
 STRAIGHTFORWARD_LIMIT_BYTES = 12 * 2**30
 
 
-def keep_freed_memory() -> None:
-    """Keep freed memory in the heap (glibc): large tensors stop paying page faults."""
-    from ttsr.model.cpu_workers import keep_freed_memory as keep
+def make_runtime(kind: str, keep_freed: bool) -> Any:
+    """The runtime the fast variants pass to the model: ``"cpu"`` (worker threads, scratch
+    memory: what ``Upscaler`` and training use) or ``"plain"`` (PyTorch's own intra-op threads).
+    ``keep_freed``: keep freed memory in the heap (glibc), so large tensors stop paying page
+    faults (and the runtime does not trim it)."""
+    from ttsr.runtime import PLAIN, CPURuntime, keep_freed_memory
 
-    keep()
+    if keep_freed:
+        keep_freed_memory()
+    return CPURuntime(trim=not keep_freed) if kind == "cpu" else PLAIN
 
 
 def build_model(search: str, optimized: bool, quick: bool) -> torch.nn.Module:
@@ -248,8 +253,6 @@ def build_model(search: str, optimized: bool, quick: bool) -> torch.nn.Module:
     model = TTSR(config, search=search, extractor_init="bundled")
     if optimized:
         model = model.to(memory_format=torch.channels_last)
-    else:
-        model.generator.lean_inference = False  # the plain forward under no_grad too
     return model
 
 
@@ -271,14 +274,15 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
     left, right, _ = image_pair(args.images)
     fast = variant in ("fast", "optimized", "bf16")
     optimized = variant in ("optimized", "bf16")
-    if optimized and kind.startswith("train"):
-        keep_freed_memory()  # faster steps; inference keeps glibc's default (less memory)
+    # Kept freed memory: faster training steps; inference keeps glibc's default (less memory).
+    runtime = make_runtime(args.runtime, keep_freed=optimized and kind.startswith("train"))
+    runtime = runtime if fast else None
     sample = make_samples(left, right, size.lr, size.ref, size.batch)
     warmup, repeats = args.warmup, args.repeats
     if size_key in ("lr192", "lr256"):
         warmup, repeats = 0, 1
     if kind in ("search-forward", "search-train"):
-        return search_case(kind, sample, fast, warmup, repeats)
+        return search_case(kind, sample, fast, warmup, repeats, runtime)
     if kind == "upscale":
         return upscale_case(sample, args.quick)
     model = build_model("fast" if fast else "straightforward", optimized, args.quick)
@@ -287,8 +291,8 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
         model.eval()
 
         def infer() -> None:
-            with torch.no_grad():  # what the Upscaler asks for: no texture maps in the output
-                model(sample.lr, sample.lrsr, sample.ref, sample.refsr, keep_textures=not fast)
+            with torch.no_grad():  # optimized: what the Upscaler asks for (the lean forward)
+                model(sample.lr, sample.lrsr, sample.ref, sample.refsr, runtime, lean=optimized)
 
         return measure(infer, warmup, repeats)
     if kind in ("train", "train-bf16"):
@@ -299,7 +303,7 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
-                out = model(sample.lr, sample.lrsr, sample.ref, sample.refsr)
+                out = model(sample.lr, sample.lrsr, sample.ref, sample.refsr, runtime)
                 loss = F.l1_loss(out.sr.float(), sample.hr * 1.0)
             loss.backward()
             optimizer.step()
@@ -308,7 +312,9 @@ def run_case(name: str, args: argparse.Namespace) -> Measurement:
     raise ValueError(f"unknown case {name!r}")
 
 
-def search_case(kind: str, sample: Sample, fast: bool, warmup: int, repeats: int) -> Measurement:
+def search_case(
+    kind: str, sample: Sample, fast: bool, warmup: int, repeats: int, runtime: Any
+) -> Measurement:
     """SearchTransfer alone on extractor features of the sample."""
     from ttsr.model.extractor import TextureExtractor
     from ttsr.model.ttsr import build_search_transfer
@@ -325,7 +331,7 @@ def search_case(kind: str, sample: Sample, fast: bool, warmup: int, repeats: int
 
         def forward() -> None:
             with torch.no_grad():
-                module(*inputs)
+                module.search_and_transfer(*inputs, runtime=runtime)
 
         return measure(forward, warmup, repeats)
     leaves = [x.clone().requires_grad_() for x in inputs]
@@ -333,8 +339,9 @@ def search_case(kind: str, sample: Sample, fast: bool, warmup: int, repeats: int
     def forward_backward() -> None:
         for leaf in leaves:
             leaf.grad = None
-        soft_attention, t_lv3, t_lv2, t_lv1 = module(*leaves)
-        loss = soft_attention.sum() + t_lv3.mean() + t_lv2.mean() + t_lv1.mean()
+        found = module.search_and_transfer(*leaves, runtime=runtime)
+        loss = found.soft_attention.sum() + found.t_lv3.mean() + found.t_lv2.mean()
+        loss = loss + found.t_lv1.mean()
         loss.backward()
 
     return measure(forward_backward, warmup, repeats)
@@ -365,8 +372,7 @@ def upscale_case(sample: Sample, quick: bool) -> Measurement:
         return Image.fromarray(array)
 
     lr, ref = image(sample.lr), image(sample.ref)
-    model = build_model("fast", False, quick)
-    model.generator.lean_inference = True  # as ttsr-infer loads it (NCHW, lean inference)
+    model = build_model("fast", False, quick)  # as ttsr-infer loads it (NCHW)
     upscaler = Upscaler(model, "cpu", max_memory=UPSCALE_BUDGET)
     plan = upscaler.plan((lr.height, lr.width), [(ref.height, ref.width)])
     measurement = measure(lambda: upscaler.upscale(lr, ref), 0, 1)
@@ -385,6 +391,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``name`` in a fresh process; its measurement plus its whole-life peak RSS."""
     command = [sys.executable, str(Path(__file__).resolve()), "--case", name]
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    command += ["--runtime", args.runtime]
     if args.quick:
         command.append("--quick")
     if args.images is not None:
@@ -561,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
         "--images", type=Path, default=DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else None
     )
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--runtime",
+        choices=("cpu", "plain"),
+        default="cpu",
+        help="how the fast variants run the search's CPU work: ttsr.runtime.CPURuntime "
+        "(worker threads, scratch memory) or plain PyTorch (its own intra-op threads)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--tasks",
@@ -662,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         " seeded random weights, the same in both columns",
         "- straightforward / baseline: `SearchTransfer` as written, NCHW. fast / optimized: "
         "`FastSearchTransfer`; for the whole model also channels_last and, under no_grad, the "
-        "generator's lean inference path; for the training step also freed memory kept in "
-        "the heap (`ttsr.model.cpu_workers.keep_freed_memory`)",
+        "generator's lean forward; for the training step also freed memory kept in "
+        f"the heap (`ttsr.runtime.keep_freed_memory`); runtime: {args.runtime}",
         "- times: best of the timed runs (median and CPU seconds beside; big sizes: one cold "
         "run); memory: peak resident set of the case's own process (warm-up included) and how "
         "far it rose above the set before the timed work (extra: libraries, weights and inputs "

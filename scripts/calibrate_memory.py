@@ -65,8 +65,7 @@ def measure(stage: str, lr: int, ref: int, n_feats: int, tile: int | None) -> di
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
         if stage == "generator":
-            t = prepared["textures"]
-            model.generator(lr_t, t.soft_attention, t.t_lv3, t.t_lv2, t.t_lv1)
+            model.generator(lr_t, prepared["textures"], lean=True)
             result["per"], result["unit"] = lr * lr, "LR pixel"
         elif stage == "extract_lrup":
             model.extractor((lrsr_t + 1) / 2)

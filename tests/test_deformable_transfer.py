@@ -139,7 +139,9 @@ def test_gradients_reach_the_offset_predictors(generator):
 
 
 def test_offset_groups_must_divide_every_level():
-    assert DeformableTransfer(offset_groups=1)
+    single = DeformableTransfer(offset_groups=1)
+    for level in (single.lv1, single.lv2, single.lv3):  # 18 offsets and 9 mask logits per group
+        assert level.offset_groups == 1 and level.offset_head[-1].out_channels == 27
     with pytest.raises(ValueError, match="offset_groups"):
         DeformableTransfer(offset_groups=3)
 

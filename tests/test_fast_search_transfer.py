@@ -25,8 +25,6 @@ from ttsr.model.fast_search_transfer import (
 )
 from ttsr.model.patch_correlation import (
     PatchTables,
-    ScratchArena,
-    Workspace,
     padded_pixel_table,
     patch_norms,
     relevance_steps,
@@ -34,6 +32,7 @@ from ttsr.model.patch_correlation import (
     search_best_positions,
 )
 from ttsr.model.search_transfer import SearchTransfer, search, transfer
+from ttsr.runtime import PLAIN, CPURuntime, ScratchArena, StepBuffers
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -169,7 +168,7 @@ def test_screened_relevance_stays_within_the_bound(generator):
         6,
         (0, 7),
         (0, 6),
-        Workspace(),
+        StepBuffers(),
     )
     (_, screened), *_ = list(steps)
     exact_unfolded = F.unfold(query, 3, padding=1)[0].T @ F.unfold(keys[0], 3, padding=1)[0]
@@ -205,7 +204,7 @@ def test_gradcheck_best_patch_relevance(generator):
     for key in keys:
         key.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda q, *k: BestPatchRelevance.apply(q, index, None, *k), (query, *keys)
+        lambda q, *k: BestPatchRelevance.apply(q, index, None, PLAIN, *k), (query, *keys)
     )
 
 
@@ -241,21 +240,28 @@ def test_model_with_fast_search_gives_the_same_image(generator):
     lr = torch.rand(2, 3, 10, 12, generator=generator) * 2 - 1
     lrsr = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
     ref = torch.rand(2, 3, 36, 44, generator=generator) * 2 - 1
+    runtime = CPURuntime(workers=2)
+    threads = torch.get_num_threads()
     with torch.no_grad():
         expected = model(lr, lrsr, ref, ref.clone())
         model.set_search("fast")
-        found = model(lr, lrsr, ref, ref.clone())
+        found = model(lr, lrsr, ref, ref.clone(), runtime=runtime)
+        plain = model(lr, lrsr, ref, ref.clone())
     # The search's scratch is given back before the generator runs (the model's memory peak).
-    assert patch_correlation.thread_arena().buffer is None
-    assert torch.equal(found.index, expected.index)
-    torch.testing.assert_close(found.sr, expected.sr, **TOLERANCE)
+    assert runtime.arena is not None and runtime.arena.buffer is None
+    assert torch.get_num_threads() == threads  # nothing process-wide changed
+    for result in (found, plain):
+        assert torch.equal(result.index, expected.index)
+        torch.testing.assert_close(result.sr, expected.sr, **TOLERANCE)
 
 
 def test_inference_mode_with_worker_threads(generator):
     query, keys, lv1, lv2, lv3 = features(generator, 2, 16, (6, 7), [(5, 6), (4, 4)])
     expected = SearchTransfer().search_and_transfer(query, keys, lv1, lv2, lv3)
     with torch.inference_mode():
-        found = FastSearchTransfer().search_and_transfer(query, keys, lv1, lv2, lv3)
+        found = FastSearchTransfer().search_and_transfer(
+            query, keys, lv1, lv2, lv3, runtime=CPURuntime(workers=2)
+        )
     assert torch.equal(found.index, expected.index)
     torch.testing.assert_close(found.t_lv1, expected.t_lv1, **TOLERANCE)
 
@@ -266,7 +272,7 @@ def test_worker_threads_keep_nothing_of_a_finished_search(screening):
     query = torch.randn(1, 16, 9, 11, generator=generator)
     keys = [torch.randn(1, 16, 12, 10, generator=generator)]
     index, tables = patch_correlation.search_with_tables(
-        query, keys, screening, rows_per_step=2, workers=2
+        query, keys, screening, rows_per_step=2, runtime=CPURuntime(workers=2)
     )
     released = weakref.ref(tables)
     del tables
@@ -313,10 +319,14 @@ def test_inference_reuses_scratch_without_touching_earlier_results(generator):
     query, keys, lv1, lv2, lv3 = features(generator, 2, 16, (6, 7), [(5, 6), (4, 4)])
     other = features(generator, 2, 16, (6, 7), [(5, 6), (4, 4)])
     module = FastSearchTransfer()
+    runtime = CPURuntime(workers=2)
     with torch.no_grad():
-        results = [module.search_and_transfer(query, keys, lv1, lv2, lv3) for _ in range(2)]
+        results = [
+            module.search_and_transfer(query, keys, lv1, lv2, lv3, runtime=runtime)
+            for _ in range(2)
+        ]
         kept = [t.clone() for t in (results[0].soft_attention, results[0].t_lv1, results[0].t_lv3)]
-        module.search_and_transfer(*other)  # overwrites every scratch buffer
+        module.search_and_transfer(*other, runtime=runtime)  # overwrites every scratch buffer
     expected = SearchTransfer().search_and_transfer(query, keys, lv1, lv2, lv3)
     for found in results:
         assert torch.equal(found.index, expected.index)
@@ -334,11 +344,12 @@ def test_level_table_of_a_channels_last_reference_is_a_view(generator):
     table = level_table([last])
     assert table.data_ptr() == last.data_ptr()
     torch.testing.assert_close(table, level_table([reference]))
-    arena = ScratchArena()
-    for _ in range(2):  # the second call is served from the arena's buffer
-        arena.reset()
-        in_arena = level_table([reference, reference[..., :3]], arena)
-    assert arena.buffer is not None and in_arena.data_ptr() == arena.buffer.data_ptr()
+    runtime = CPURuntime()
+    for _ in range(2):  # the second call is served from the runtime's scratch buffer
+        runtime.next_phase()
+        in_arena = level_table([reference, reference[..., :3]], runtime)
+    buffer = runtime.arena.buffer if runtime.arena is not None else None
+    assert buffer is not None and in_arena.data_ptr() == buffer.data_ptr()
     expected = torch.cat(
         [r.permute(0, 2, 3, 1).reshape(2, -1, 4) for r in (reference, reference[..., :3])], 1
     )

@@ -32,6 +32,27 @@ def test_released_generator_receptive_radius_is_derived_from_block_counts() -> N
     assert receptive_radius((1, 1, 1, 1), use_texture=False) <= receptive_radius((1, 1, 1, 1))
 
 
+def test_receptive_radius_covers_the_deformable_head() -> None:
+    hard = receptive_radius((1, 1, 1, 1))
+    assert receptive_radius((1, 1, 1, 1), transfer="deformable") > hard
+    assert upscaler(transfer="deformable").margin == receptive_radius(
+        (1, 1, 1, 1), transfer="deformable"
+    )
+
+
+def with_working_deformable_head(engine: Upscaler) -> Upscaler:
+    """Give the deformable head (zero at initialisation: the hard transfer) seeded random
+    offsets and masks, so that tiling errors in its reach would show."""
+    head = engine.model.deformable_transfer
+    if head is not None:
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for level in (head.lv1, head.lv2, head.lv3):
+                last = level.offset_head[-1]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * 0.05)
+    return engine
+
+
 def test_tile_cores_partition_the_image_and_margins_are_clipped() -> None:
     tiles = tile_grid(10, 23, core=6, margin=4)
     covered = np.zeros((10, 23), int)
@@ -48,12 +69,13 @@ def test_tile_cores_partition_the_image_and_margins_are_clipped() -> None:
 SHALLOW = (0, 0, 0, 0)
 
 
+@pytest.mark.parametrize("transfer", ["hard", "deformable"])
 @pytest.mark.parametrize("shape", [(8, 56), (56, 8)])
-def test_tiled_run_equals_whole_image_run(shape: tuple[int, int]) -> None:
+def test_tiled_run_equals_whole_image_run(shape: tuple[int, int], transfer: str) -> None:
     lr = textured(*shape, seed=1)
     refs = [textured(24, 28, seed=2), textured(20, 36, seed=3)]
-    whole = upscaler(blocks=SHALLOW)
-    tiled = upscaler(tile_size=14, blocks=SHALLOW)
+    whole = with_working_deformable_head(upscaler(blocks=SHALLOW, transfer=transfer))
+    tiled = with_working_deformable_head(upscaler(tile_size=14, blocks=SHALLOW, transfer=transfer))
     inputs = whole.prepare(lr, refs)
     sizes = [r.shape[:2] for r in inputs.references_rgb]
     whole_plan, tiled_plan = whole.plan(shape, sizes), tiled.plan(shape, sizes)

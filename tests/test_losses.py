@@ -82,6 +82,20 @@ def test_transferal_perceptual_loss_trains_sr_only():
     assert attention.grad is None and all(t.grad is None for t in textures)
 
 
+def test_transferal_perceptual_loss_is_zero_for_the_srs_own_textures_and_grows_with_change():
+    torch.manual_seed(0)
+    extractor = TextureExtractor("random")
+    sr = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        lv1, lv2, lv3 = extractor((sr + 1) / 2)
+    attention = torch.rand(1, 1, 4, 4)
+    own = transferal_perceptual_loss(extractor, sr, attention, lv3, lv2, lv1)
+    assert own.item() == pytest.approx(0.0, abs=1e-12)
+    near = transferal_perceptual_loss(extractor, sr, attention, lv3 * 1.1, lv2, lv1)
+    far = transferal_perceptual_loss(extractor, sr, attention, lv3 * 1.5, lv2, lv1)
+    assert 0 < near.item() < far.item()
+
+
 def test_transferal_perceptual_loss_follows_current_extractor_weights():
     torch.manual_seed(0)
     extractor = TextureExtractor("random")

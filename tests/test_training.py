@@ -225,12 +225,21 @@ def test_bad_training_folder_is_named(workdir, capsys):
     assert "nowhere" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("subcommand", [[], ["fit"], ["export"]])
-def test_help(subcommand, capsys):
+@pytest.mark.parametrize(
+    ("subcommand", "listed"),
+    [
+        ([], ["fit", "validate", "export"]),
+        (["fit"], ["--config", "--model.n_feats", "--data.patch_size", "--init_weights"]),
+        (["export"], ["--ckpt", "--out"]),
+    ],
+)
+def test_help_lists_the_subcommands_and_their_options(subcommand, listed, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*subcommand, "--help"])
     assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out.lower()
+    shown = capsys.readouterr().out
+    assert shown.lower().startswith("usage: ttsr-train")
+    assert all(option in shown for option in listed), shown
 
 
 @pytest.mark.slow

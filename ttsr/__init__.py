@@ -4,30 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ttsr.model import (
-    TTSR,
-    FastSearchTransfer,
-    Generator,
-    SearchTransfer,
-    TextureExtractor,
-    TTSRConfig,
-    TTSROutput,
-)
+from ttsr import model
+from ttsr.model import *  # noqa: F403 (the model's public names: ttsr.model.__all__)
 
 if TYPE_CHECKING:
     from ttsr.inference import Upscaler, UpscaleResult
 
-__all__ = [
-    "TTSR",
-    "TTSRConfig",
-    "TTSROutput",
-    "Generator",
-    "SearchTransfer",
-    "FastSearchTransfer",
-    "TextureExtractor",
-    "Upscaler",
-    "UpscaleResult",
-]
+__all__ = [*model.__all__, "Upscaler", "UpscaleResult"]
 __version__ = "0.1.0"
 
 #: Names imported from :mod:`ttsr.inference` on first use, so that ``import ttsr`` stays light.

@@ -19,7 +19,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -246,9 +246,9 @@ class ShippedWeights:
     file: str
     config: TTSRConfig
     recipe: str
-    metrics: Mapping[str, float]
-    preprocessing: str
     description: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    preprocessing: str = TTSR_PREPROCESSING
 
     @property
     def path(self) -> Path:
@@ -266,25 +266,29 @@ class ShippedWeights:
         return load_checkpoint(self.path, map_location)
 
 
+#: The architecture of both shipped models (the real-world one is fine-tuned from the other).
+SHIPPED_ARCHITECTURE = TTSRConfig(num_res_blocks=(16, 16, 2, 1), n_feats=48, bicubic_skip=True)
+
+
 class TTSRWeights(Enum):
     """The shipped models, by name (``TTSRWeights.get("bicubic").load()``)."""
 
     REAL = ShippedWeights(
         name="real",
         file="ttsr_real.pt",
-        config=TTSRConfig(num_res_blocks=(16, 16, 2, 1), n_feats=48, bicubic_skip=True),
+        config=SHIPPED_ARCHITECTURE,
         recipe="the bicubic model fine-tuned on real-world degradations of the LR (blur, "
-        "resampling, noise, JPEG) and harder references; checkpoints/README.md",
-        metrics={},
-        preprocessing=TTSR_PREPROCESSING,
+        "resampling, noise, JPEG) and harder references; configs/real.yaml, "
+        "checkpoints/README.md",
         description="for real photos: JPEG'd or noisy inputs, references from another view or day",
     )
     BICUBIC = ShippedWeights(
         name="bicubic",
         file="ttsr_demo.pt",
-        config=TTSRConfig(num_res_blocks=(16, 16, 2, 1), n_feats=48, bicubic_skip=True),
+        config=SHIPPED_ARCHITECTURE,
         recipe="configs/demo.yaml, 5000 steps on BSDS200 + T91 with synthetic references; "
         "checkpoints/README.md",
+        description="the research protocol: LR by PIL bicubic x4 of a clean image",
         metrics={
             "set5_lr_psnr": 31.12,
             "set14_lr_psnr": 27.69,
@@ -293,8 +297,6 @@ class TTSRWeights(Enum):
             "bsd100_lr_gain": 1.27,
             "kodak24_lr_gain": 1.28,
         },
-        preprocessing=TTSR_PREPROCESSING,
-        description="the research protocol: LR by PIL bicubic x4 of a clean image",
     )
     #: What ``Upscaler.from_checkpoint()`` and the command-line tools use when not told.
     DEFAULT = REAL

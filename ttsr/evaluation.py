@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -59,22 +59,34 @@ class EvalItem:
 
 
 @dataclass(frozen=True)
-class EvalRow:
-    """Scores of one image (model scores ``None`` when only bicubic is measured)."""
+class BicubicRow:
+    """The scores every evaluation has: the image's name and bicubic's Y-PSNR and SSIM."""
 
     image: str
     bicubic_psnr: float
     bicubic_ssim: float
+
+
+@dataclass(frozen=True)
+class EvalRow(BicubicRow):
+    """Scores of one image (model scores ``None`` when only bicubic is measured)."""
+
     ttsr_psnr: float | None = None
     ttsr_ssim: float | None = None
 
 
 @dataclass(frozen=True)
-class EvalImages:
-    """What one evaluated image looked like, for comparison grids."""
+class BicubicImages:
+    """The images every evaluation has: the HR target and the bicubic x4 of its LR."""
 
     hr: np.ndarray
     bicubic: np.ndarray
+
+
+@dataclass(frozen=True)
+class EvalImages(BicubicImages):
+    """What one evaluated image looked like, for comparison grids."""
+
     sr: np.ndarray | None
     references: tuple[np.ndarray, ...]
 
@@ -272,13 +284,28 @@ def evaluate(
     """Score every item; ``on_image`` sees each row and its images (for grids, progress)."""
     if border < 0:
         raise InputError(f"border must be >= 0, got {border}")
-    table = EvalTable()
+    score = lambda item: evaluate_item(item, upscaler, border, corrupt)  # noqa: E731
+    return EvalTable(rows=score_each(items, score, on_image))
+
+
+Item = TypeVar("Item")
+Row = TypeVar("Row")
+Images = TypeVar("Images")
+
+
+def score_each(
+    items: Sequence[Item],
+    score: Callable[[Item], tuple[Row, Images]],
+    on_row: Callable[[Row, Images], None] | None = None,
+) -> list[Row]:
+    """The rows of ``score(item)`` in order; ``on_row`` sees each row and its images."""
+    rows = []
     for item in items:
-        row, images = evaluate_item(item, upscaler, border, corrupt)
-        table.rows.append(row)
-        if on_image is not None:
-            on_image(row, images)
-    return table
+        row, images = score(item)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row, images)
+    return rows
 
 
 def comparison_grid(row: EvalRow, images: EvalImages) -> Image.Image:

@@ -18,6 +18,7 @@ result up to float rounding.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from ttsr.memory import (
 from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
 from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
+from ttsr.runtime import CPURuntime
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -290,13 +292,14 @@ class Upscaler:
             )
         self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
+        self._runtimes = threading.local()
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
             raise InputError(f"tile size must be at least 1 LR pixel, got {tile_size}")
         self.tile_size = tile_size
-        generator = model.generator
-        self.margin = receptive_radius(generator.num_res_blocks, model.config.use_texture)
+        config = model.config
+        self.margin = receptive_radius(config.num_res_blocks, config.use_texture, config.transfer)
         self._weight_bytes = _weight_bytes(model)
 
     @classmethod
@@ -317,6 +320,15 @@ class Upscaler:
         name, path = resolve_model(checkpoint)
         model = load_checkpoint(path)
         return cls(model, device, max_memory, tile_size, reference_alignment, model_name=name)
+
+    @property
+    def runtime(self) -> CPURuntime:
+        """The CPU runtime of the calling thread's runs (worker threads, scratch memory), kept
+        between calls; one per thread, so that threads sharing this upscaler do not interfere."""
+        runtime = getattr(self._runtimes, "runtime", None)
+        if runtime is None:
+            runtime = self._runtimes.runtime = CPURuntime()
+        return runtime
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -518,14 +530,14 @@ class Upscaler:
             core = (slice(tile.core[0], tile.core[1]), slice(tile.core[2], tile.core[3]))
             if features is not None:
                 output = self.model.forward_with_reference_features(
-                    lr_tile, lrsr_tile, features, keep_textures=False
+                    lr_tile, lrsr_tile, features, runtime=self.runtime, lean=True
                 )
                 tile_sr = output.sr
                 assert output.soft_attention is not None and output.index is not None
                 attention[core] = output.soft_attention[0, 0, rows, cols].float().cpu().numpy()
                 index[core] = output.index[0, rows, cols].cpu().numpy()
             else:
-                tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile)
+                tile_sr = self.model.generator(lr_tile, lrsr=lrsr_tile, lean=True)
             sr[:, _scaled(core[0]), _scaled(core[1])] = (
                 tile_sr[0, :, _scaled(rows), _scaled(cols)].float().cpu()
             )

@@ -18,7 +18,16 @@ import numpy as np
 from PIL import Image
 
 from ttsr import visualize
-from ttsr.evaluation import Corruption, EvalItem, EvalTable, check_item, degraded_lr
+from ttsr.evaluation import (
+    BicubicImages,
+    BicubicRow,
+    Corruption,
+    EvalItem,
+    EvalTable,
+    check_item,
+    degraded_lr,
+    score_each,
+)
 from ttsr.imaging import IMAGE_SUFFIXES, InputError, load_rgb
 from ttsr.inference import Upscaler
 from ttsr.metrics import psnr_y, ssim_y
@@ -38,12 +47,9 @@ class PairItem:
 
 
 @dataclass(frozen=True)
-class PairRow:
+class PairRow(BicubicRow):
     """Scores of one pair (model columns ``None`` when only bicubic is measured)."""
 
-    image: str
-    bicubic_psnr: float
-    bicubic_ssim: float
     lr_ref_psnr: float | None = None
     lr_ref_ssim: float | None = None
     ref_psnr: float | None = None
@@ -53,11 +59,9 @@ class PairRow:
 
 
 @dataclass(frozen=True)
-class PairImages:
+class PairImages(BicubicImages):
     """What one evaluated pair looked like, for comparison grids."""
 
-    hr: np.ndarray
-    bicubic: np.ndarray
     lr_ref_sr: np.ndarray | None
     ref_sr: np.ndarray | None
     aligned_ref_sr: np.ndarray | None
@@ -157,13 +161,8 @@ def evaluate_pairs(
     """Score every pair; ``on_pair`` sees each row and its images (for grids, progress)."""
     if border < 0:
         raise InputError(f"border must be >= 0, got {border}")
-    table = PairTable()
-    for item in items:
-        row, images = evaluate_pair(item, upscaler, border, corrupt)
-        table.rows.append(row)
-        if on_pair is not None:
-            on_pair(row, images)
-    return table
+    score = lambda item: evaluate_pair(item, upscaler, border, corrupt)  # noqa: E731
+    return PairTable(rows=score_each(items, score, on_pair))
 
 
 def pair_grid(row: PairRow, images: PairImages) -> Image.Image:

@@ -22,6 +22,12 @@ _SHUFFLE = {1: 0.5, 2: 0.25}  # pixel shuffle from scale s to 2s
 #: transferred patches at most 1.75 and the bicubic upsampling of the soft attention 2.
 TEXTURE_REACH = 3 + 1 + 2
 
+#: Reach of the deformable transfer head (LR pixels): its offset predictor (two 3x3 convolutions,
+#: at most 2 relu3_1 cells) reads the reference warped by the matches of cells up to 2 away, each
+#: match reaching 3 + 1; each tap reads a neighbouring cell's match (1 more, counted on top to
+#: stay an upper bound); the soft attention's bicubic upsampling as for the hard transfer.
+DEFORMABLE_REACH = 3 + 1 + 2 + 1
+
 #: Receptive-field radius (LR pixels) of the released model's generator ``(16, 16, 8, 4)``.
 RELEASED_RADIUS = 102
 
@@ -30,16 +36,20 @@ def _blocks(count: int, scale: int) -> float:
     return 2 * count * _CONV3[scale]
 
 
-def receptive_radius(num_res_blocks: Sequence[int], use_texture: bool = True) -> int:
+def receptive_radius(
+    num_res_blocks: Sequence[int], use_texture: bool = True, transfer: str = "hard"
+) -> int:
     """Largest distance (LR pixels) from an output pixel to an LR pixel that can change it.
 
     Follows :class:`ttsr.model.generator.Generator` stream by stream: a residual block adds two
-    3x3 convolutions, a fusion ``x + conv(cat(x, T)) * S`` adds the texture path's reach, cross-
-    scale integration takes the farthest of its inputs. An upper bound (every layer is counted at
-    its full reach), ~102 for the released ``(16, 16, 8, 4)``.
+    3x3 convolutions, a fusion ``x + conv(cat(x, T)) * S`` adds the texture path's reach (that of
+    the ``transfer`` head, ``"hard"`` or ``"deformable"``), cross-scale integration takes the
+    farthest of its inputs. An upper bound (every layer is counted at its full reach), ~102 for
+    the released ``(16, 16, 8, 4)``.
     """
     sfe, stage1, stage2, stage3 = (int(n) for n in num_res_blocks)
-    texture = float(TEXTURE_REACH) if use_texture else 0.0
+    reach = DEFORMABLE_REACH if transfer == "deformable" else TEXTURE_REACH
+    texture = float(reach) if use_texture else 0.0
 
     def fused(reach: float, scale: int) -> float:
         return max(reach, texture) + _CONV3[scale] if use_texture else reach

@@ -48,6 +48,7 @@ from ttsr.metrics import psnr_y, ssim_y
 from ttsr.model.config import CONFIG_ENTRIES, DEFAULT_BLOCKS, TTSRConfig
 from ttsr.model.discriminator import Discriminator
 from ttsr.model.ttsr import TTSR, TTSROutput
+from ttsr.runtime import CPURuntime
 
 LearningRateDecay = Literal["none", "step", "cosine"]
 
@@ -156,6 +157,14 @@ class TTSRTraining(L.LightningModule):
         #: Training commands of this run, oldest first (kept in checkpoints, copied on export);
         #: the command-line interface sets the current one.
         self.commands: list[str] = []
+        self._runtime: CPURuntime | None = None
+
+    @property
+    def runtime(self) -> CPURuntime:
+        """The CPU runtime of this module's forwards (worker threads), made on first use."""
+        if self._runtime is None:
+            self._runtime = CPURuntime()
+        return self._runtime
 
     # --- optimisation --------------------------------------------------------------------------
 
@@ -221,7 +230,9 @@ class TTSRTraining(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        output = self.model(batch["lr"], batch["lrsr"], batch["ref"], batch["refsr"])
+        output = self.model(
+            batch["lr"], batch["lrsr"], batch["ref"], batch["refsr"], runtime=self.runtime
+        )
         logs: dict[str, Tensor | float] = {}
         if self.discriminator is not None and self.full_objective:
             critic_optimizer = optimizers[1]
@@ -269,7 +280,9 @@ class TTSRTraining(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         """Y-PSNR/SSIM of SR and of bicubic against HR, per image, averaged by Lightning."""
-        output = self.model(batch["lr"], batch["lrsr"], batch["ref"], batch["refsr"])
+        output = self.model(
+            batch["lr"], batch["lrsr"], batch["ref"], batch["refsr"], runtime=self.runtime
+        )
         prefix = f"{stage}_{batch['reference'][0]}"
         border = self.hparams.border
         values: dict[str, list[float]] = {}

@@ -167,6 +167,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A command's parser: its description, and an epilog shown as written."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def examples(docstring: str) -> str:
     """An ``examples:`` epilog from the command lines in a CLI module's docstring."""
     lines = [line.strip() for line in docstring.splitlines() if line.strip().startswith("ttsr-")]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ttsr.checkpoints import convert_released_checkpoint
+from ttsr.cli import common
 from ttsr.cli.common import EXIT_OK, add_debug_argument, examples, run_cli
 from ttsr.imaging import check_writable
 
@@ -23,12 +24,11 @@ PROG = "ttsr-convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Convert a released TTSR checkpoint (researchmm/TTSR, MainNet.* / LTE.* keys) "
+    parser = common.command_parser(
+        PROG,
+        "Convert a released TTSR checkpoint (researchmm/TTSR, MainNet.* / LTE.* keys) "
         "into a ttsr checkpoint for ttsr-infer and ttsr-eval.",
-        epilog=examples(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples(__doc__),
     )
     parser.add_argument("source", help="released checkpoint (.pt), e.g. TTSR.pt or TTSR-rec.pt")
     parser.add_argument("destination", help="ttsr checkpoint to write (.pt)")

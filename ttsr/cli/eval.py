@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ttsr.cli import common
 from ttsr.cli.album_eval import add_album_arguments, run_album
 from ttsr.cli.common import (
     EXIT_OK,
@@ -69,12 +70,11 @@ PROG = "ttsr-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
+    parser = common.command_parser(
+        PROG,
+        "Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
         "SSIM (BT.601, 8-bit) for bicubic and the model, per image and on average.",
-        epilog=examples(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples(__doc__),
     )
     parser.add_argument("dataset", nargs="?", help="folder of HR images (or CUFED5 layout)")
     refs = parser.add_argument_group("references")

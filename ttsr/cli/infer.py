@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ttsr.album import DEFAULT_TOP_K, Album, AlbumMatches
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
@@ -47,17 +48,46 @@ from ttsr.memory import format_size
 
 PROG = "ttsr-infer"
 
-#: Extra outputs: option name -> file name suffix added to the SR file's stem.
+#: Extra outputs, by option (``--save-<option>``): the kind (file ``NAME_<kind>.<ext>``), the help.
 EXTRAS = {
-    "save_bicubic": "bicubic",
-    "save_attention": "attention",
-    "save_correspondence": "correspondence",
-    "save_comparison": "comparison",
-    "save_flow": "flow",
-    "save_matches": "references",
+    "bicubic": ("bicubic", "the bicubic x4 upscale"),
+    "attention": (
+        "attention",
+        "soft-attention heat map: bright where a reference held a close match",
+    ),
+    "correspondence": (
+        "correspondence",
+        "each output patch coloured by the reference position its texture came from, beside "
+        "the references coloured with the same code",
+    ),
+    "comparison": ("comparison", "bicubic | TTSR | reference side by side"),
+    "flow": (
+        "flow",
+        "the correspondence as a flow field, NAME_flow.npz: 'flow' [2, H, W] (dx, dy) in "
+        "output pixels from each LR position's 4x4 output patch to its match, 'reference_id', "
+        "'match_x', 'match_y' (centres in reference pixels), 'reference_sizes'",
+    ),
+    "matches": (
+        "references",
+        "with --ref-dir: NAME_references.json, the chosen references in order and the "
+        "ranked candidates with their scores from both stages",
+    ),
 }
 #: Extras that are not images, by kind: their file extension.
 DATA_EXTRAS = {"flow": ".npz", "references": ".json"}
+
+
+def add_extra_arguments(parser: argparse.ArgumentParser, album: bool = True) -> None:
+    """The ``--save-<option>`` options of :data:`EXTRAS` (``album=False``: without the album's
+    ``--save-matches``, which is off)."""
+    extras = parser.add_argument_group(
+        "extra outputs (written beside each output as NAME_<kind>.<ext>)"
+    )
+    for option, (_, description) in EXTRAS.items():
+        if album or option != "matches":
+            extras.add_argument(f"--save-{option}", action="store_true", help=description)
+    if not album:
+        parser.set_defaults(save_matches=False, ref_dir=None)
 
 
 def demo_paths() -> tuple[Path, Path]:
@@ -78,13 +108,12 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
+    parser = common.command_parser(
+        PROG,
+        "Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
         "with textures found in one or more reference images of similar content (another view of "
         "the scene, a sharper photo). Folders process every image in them.",
-        epilog=examples(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples(__doc__),
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--lr", metavar="PATH", help="low-resolution image, or a folder of them")
@@ -129,37 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--demo", action="store_true", help="upscale the example pair shipped with ttsr"
     )
-    extras = parser.add_argument_group(
-        "extra outputs (written beside each output as NAME_<kind>.<ext>)"
-    )
-    extras.add_argument("--save-bicubic", action="store_true", help="the bicubic x4 upscale")
-    extras.add_argument(
-        "--save-attention",
-        action="store_true",
-        help="soft-attention heat map: bright where the reference held a close match",
-    )
-    extras.add_argument(
-        "--save-correspondence",
-        action="store_true",
-        help="each output patch coloured by the reference position its texture came from, beside "
-        "the references coloured with the same code",
-    )
-    extras.add_argument(
-        "--save-comparison", action="store_true", help="bicubic | TTSR | reference side by side"
-    )
-    extras.add_argument(
-        "--save-flow",
-        action="store_true",
-        help="the correspondence as a flow field, NAME_flow.npz: 'flow' [2, H, W] (dx, dy) in "
-        "output pixels from each LR position's 4x4 output patch to its match, 'reference_id', "
-        "'match_x', 'match_y' (centres in reference pixels), 'reference_sizes'",
-    )
-    extras.add_argument(
-        "--save-matches",
-        action="store_true",
-        help="with --ref-dir: NAME_references.json, the chosen references in order and the "
-        "ranked candidates with their scores from both stages",
-    )
+    add_extra_arguments(parser)
     add_model_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -169,8 +168,8 @@ def extra_outputs(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Requested extra output files of one SR output, by kind."""
     return {
         kind: out.with_name(f"{out.stem}_{kind}{DATA_EXTRAS.get(kind, out.suffix)}")
-        for option, kind in EXTRAS.items()
-        if getattr(args, option)
+        for option, (kind, _) in EXTRAS.items()
+        if getattr(args, f"save_{option}")
     }
 
 

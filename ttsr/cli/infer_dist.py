@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -29,19 +30,10 @@ from ttsr.cli.common import (
     positive_int,
     run_cli,
 )
-from ttsr.cli.infer import EXTRAS, extra_outputs, plan_jobs
+from ttsr.cli.infer import add_extra_arguments, extra_outputs, plan_jobs
 from ttsr.imaging import check_writable, image_size
 
 PROG = "ttsr-infer-dist"
-
-
-#: Help of the extra outputs (the kinds and file names are ttsr-infer's).
-EXTRA_HELP = {
-    "bicubic": "the bicubic x4 upscale",
-    "attention": "soft-attention heat map: bright where a reference held a close match",
-    "correspondence": "each output patch coloured by where its texture came from",
-    "comparison": "bicubic | TTSR | reference side by side",
-}
 
 
 def devices_count(text: str) -> int | str:
@@ -55,14 +47,13 @@ def report_failure(job: object, message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Reference-based x4 super-resolution (TTSR) of a folder of images, shared "
+    parser = common.command_parser(
+        PROG,
+        "Reference-based x4 super-resolution (TTSR) of a folder of images, shared "
         "among processes on one or several machines with PyTorch Lightning (Trainer.predict, "
         "DDP: this command is rerun in each process). Same inputs and outputs as ttsr-infer with "
         "--lr DIR.",
-        epilog=__doc__.split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        __doc__.split("\n", 1)[1],
     )
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--lr", metavar="PATH", help="folder of low-resolution images (or one image)")
@@ -82,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out inputs whose outputs all exist (resume an interrupted run)",
     )
-    extras = parser.add_argument_group("extra outputs (NAME_<kind>.png beside each output)")
-    for option, kind in EXTRAS.items():
-        extras.add_argument(
-            f"--{option.replace('_', '-')}", action="store_true", help=EXTRA_HELP.get(kind, kind)
-        )
+    add_extra_arguments(parser, album=False)
     scale = parser.add_argument_group("processes")
     scale.add_argument(
         "--accelerator",

@@ -19,6 +19,7 @@ from contextlib import suppress
 from functools import partial
 
 from ttsr.checkpoints import TTSRWeights
+from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
     add_debug_argument,
@@ -61,14 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MAX_UPLOAD_MB,
     )
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Serve a web page where you pick or drop a low-resolution image and "
+    parser = common.command_parser(
+        PROG,
+        "Serve a web page where you pick or drop a low-resolution image and "
         "reference images, and get the x4 result with a before/after slider, the attention and "
         "correspondence maps and a PNG download; POST /api/upscale does the same for programs "
         "(reference at /docs). Everything runs on this machine, assets included (no CDN).",
-        epilog=__doc__.split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        __doc__.split("\n", 1)[1],
     )
     server = parser.add_argument_group("server")
     server.add_argument(

@@ -22,25 +22,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ttsr.model.cpu_workers import release_free_memory, single_threaded, worker_count
 from ttsr.model.patch_correlation import (
     DEFAULT_STEP_ELEMENTS,
     NORM_EPS,
     PATCH_OFFSETS,
     PatchTables,
-    ScratchArena,
     Screening,
-    Workspace,
     search_with_tables,
-    thread_arena,
 )
 from ttsr.model.search_transfer import (
     CONSTANT_OVERLAP,
     Divisor,
     SearchTransfer,
-    TransferResult,
+    Size,
     as_reference_list,
+    check_level_sizes,
 )
+from ttsr.runtime import PLAIN, Runtime, StepBuffers
 
 #: Patch pairs per chunk in the soft-attention backward (bounds its ``[pairs, C]`` buffers).
 BACKWARD_CHUNK = 1 << 12
@@ -64,8 +62,9 @@ def _unpad(table: Tensor, height: int, width: int) -> Tensor:
 class BestPatchRelevance(torch.autograd.Function):
     """Relevance of each query patch to the reference patch ``index`` picks: ``[B, N]``.
 
-    ``forward(query [B, C, H, W], index [B, N], tables, *keys [B, C, Hr_i, Wr_i])``: ``index``
-    is non-differentiable; ``tables`` are their :class:`PatchTables` if at hand, else ``None``.
+    ``forward(query [B, C, H, W], index [B, N], tables, runtime, *keys [B, C, Hr_i, Wr_i])``:
+    ``index`` is non-differentiable; ``tables`` are their :class:`PatchTables` if at hand, else
+    ``None``; ``runtime`` runs the gathers (:mod:`ttsr.runtime`).
     Equal to the straightforward search's maximum, and so is its gradient:
     ``d S / d q = k / (|q| |k|) - S q / |q|^2`` (the last term only where ``|q| >= eps``, as for
     ``F.normalize``), likewise for ``k``, scattered onto the pixels of the two patches.
@@ -77,13 +76,14 @@ class BestPatchRelevance(torch.autograd.Function):
         query: Tensor,
         index: Tensor,
         tables: PatchTables | None,
+        runtime: Runtime,
         *keys: Tensor,
     ) -> Tensor:
         known = tables if tables is not None else PatchTables.of(query, keys)
-        workers = worker_count(query.device)
-        relevance = known.relevance_on_workers(*_pairs(index), workers).view(index.shape)
+        relevance = known.relevance_on_workers(*_pairs(index), runtime).view(index.shape)
         ctx.save_for_backward(query, index, relevance, *keys)
         ctx.tables = known  # the backward gathers from the same tables
+        ctx.runtime = runtime
         return relevance
 
     @staticmethod
@@ -92,9 +92,9 @@ class BestPatchRelevance(torch.autograd.Function):
         query, index, relevance, *keys = ctx.saved_tensors
         tables: PatchTables = ctx.tables
         wanted_query = ctx.needs_input_grad[0]
-        wanted_keys = any(ctx.needs_input_grad[3:])
-        grad_query, grad_keys = single_threaded(
-            lambda: _relevance_backward(tables, index, relevance, grad.contiguous()), query.device
+        wanted_keys = any(ctx.needs_input_grad[4:])
+        grad_query, grad_keys = ctx.runtime.serial(
+            lambda: _relevance_backward(tables, index, relevance, grad.contiguous())
         )
         key_grads, start = [], 0
         for size in tables.key_sizes:
@@ -103,6 +103,7 @@ class BestPatchRelevance(torch.autograd.Function):
             start += pixels
         return (
             _unpad(grad_query, tables.height, tables.width) if wanted_query else None,
+            None,
             None,
             None,
             *(key_grads if wanted_keys else [None] * len(keys)),
@@ -130,14 +131,14 @@ def _relevance_backward(
     cross = g / (clamped_query * clamped_key)
     self_query = g * relevance / clamped_query.square() * (query_norm >= NORM_EPS)
     self_key = g * relevance / clamped_key.square() * (key_norm >= NORM_EPS)
-    workspace = Workspace()
+    buffers = StepBuffers()
     for start in range(0, g.numel(), BACKWARD_CHUNK):
         chunk = slice(start, start + BACKWARD_CHUNK)
         shape = (g[chunk].numel(), channels)
         a, bq, bk = cross[chunk, None], self_query[chunk, None], self_key[chunk, None]
-        q = workspace.get("q", shape, query_pixels, query_pixels.dtype)
-        k = workspace.get("k", shape, query_pixels, query_pixels.dtype)
-        update = workspace.get("update", shape, query_pixels, query_pixels.dtype)
+        q = buffers.get("q", shape, query_pixels, query_pixels.dtype)
+        k = buffers.get("k", shape, query_pixels, query_pixels.dtype)
+        update = buffers.get("update", shape, query_pixels, query_pixels.dtype)
         for dy, dx in PATCH_OFFSETS:
             query_rows = query_top_left[chunk] + (dy * (tables.width + 2) + dx)
             key_rows = key_top_left[chunk] + (dy * key_row_length[chunk] + dx)
@@ -285,22 +286,18 @@ def plan_neighbours(
     return neighbours
 
 
-def level_table(references: Sequence[Tensor], arena: ScratchArena | None = None) -> Tensor:
+def level_table(references: Sequence[Tensor], runtime: Runtime = PLAIN) -> Tensor:
     """Channels-last table of one level's reference features: ``[B * sum_i h_i*w_i, C]``.
 
-    A view where a single reference already is channels-last; else a copy, made in ``arena``
-    if given (valid until the arena's next reset, which is the caller's to make; the gather's
-    backward needs only the table's shape).
+    A view where a single reference already is channels-last; else a copy in ``runtime``'s
+    memory (valid until its next phase, which is the caller's to start; the gather's backward
+    needs only the table's shape).
     """
     batch, channels = references[0].shape[:2]
     if len(references) == 1 and references[0].is_contiguous(memory_format=torch.channels_last):
         return references[0].permute(0, 2, 3, 1).reshape(-1, channels)  # a view
     pixels = sum(r.size(2) * r.size(3) for r in references)
-    shape = (batch, pixels, channels)
-    if arena is None:
-        table = references[0].new_empty(shape)
-    else:
-        table = arena.take(shape, references[0].dtype, references[0].device)
+    table = runtime.allocate((batch, pixels, channels), references[0].dtype, references[0].device)
     start = 0
     for reference in references:
         count = reference.size(2) * reference.size(3)
@@ -310,32 +307,20 @@ def level_table(references: Sequence[Tensor], arena: ScratchArena | None = None)
     return table.view(-1, channels)
 
 
-def check_level_sizes(
-    references: Sequence[Tensor], reference_sizes: Sequence[tuple[int, int]], scale: int
-) -> None:
-    """Raise ``ValueError`` unless each reference's level is ``scale`` times its relu3_1 size."""
-    for reference, (h, w) in zip(references, reference_sizes, strict=True):
-        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
-            raise ValueError(
-                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
-                f"got {tuple(reference.shape[-2:])}"
-            )
-
-
 def gather_textures(
     references: Sequence[Tensor],
     plan: tuple[Tensor, Tensor, Tensor],
     lr_size: tuple[int, int],
     scale: int,
-    arena: ScratchArena | None = None,
+    runtime: Runtime = PLAIN,
 ) -> Tensor:
     """Apply a :func:`transfer_plan` to one level's features: ``[B, C, sH, sW]``.
 
     The result is in ``torch.channels_last`` memory format (the gather's natural layout).
-    ``arena``: where to build the channels-last reference table (see :func:`level_table`).
+    ``runtime``: memory for the channels-last reference table (see :func:`level_table`).
     """
     batch, channels = references[0].shape[:2]
-    segments = level_table(references, arena).view(-1, scale * channels)
+    segments = level_table(references, runtime).view(-1, scale * channels)
     out = TextureGather.apply(segments, *plan)
     height, width = lr_size[0] * scale, lr_size[1] * scale
     return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -359,10 +344,10 @@ def fast_transfer(
 class FastSearchTransfer(SearchTransfer):
     """The fast equivalent of :class:`~ttsr.model.search_transfer.SearchTransfer`, the definition.
 
-    A drop-in (its ``forward``, with :meth:`search_only` and :meth:`search_and_transfer`
-    replaced): same result (identical indices without ties, ``S`` and ``T`` within 1e-5, equal
-    gradients), fast and in bounded memory; what :class:`~ttsr.model.ttsr.TTSR` runs by default
-    (``search="fast"``).
+    A drop-in (its search and transfer steps replaced; the runtime it is given runs their CPU
+    work, :mod:`ttsr.runtime`): same result (identical indices without ties, ``S`` and ``T``
+    within 1e-5, equal gradients), fast and in bounded memory; what
+    :class:`~ttsr.model.ttsr.TTSR` runs by default (``search="fast"``).
 
     Args:
         divisor: ``"overlap"`` or ``"constant"`` (as :class:`SearchTransfer`).
@@ -400,83 +385,37 @@ class FastSearchTransfer(SearchTransfer):
             + cls.BYTES_PER_WORKER * (workers + 1)
         )
 
-    def search_only(
-        self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
+    def _search(
+        self, lrsr_lv3: Tensor, keys: list[Tensor], runtime: Runtime
     ) -> tuple[Tensor, Tensor]:
-        """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
-        (index) ``[B, H, W]``, for transfer heads that sample the references themselves."""
-        batch, _, height, width = lrsr_lv3.shape
-        soft_attention, index = self._search(lrsr_lv3, as_reference_list(refsr_lv3))
-        return soft_attention.view(batch, 1, height, width), index.view(batch, height, width)
+        """Relevance ``[B, H*W]`` (differentiable, gather/scatter backward) and flat index.
 
-    @staticmethod
-    def _arena(*inputs: Tensor) -> ScratchArena | None:
-        """This thread's scratch arena for CPU work of which autograd keeps nothing (its search
-        tables and level tables then die with the call), else None (fresh memory; on GPUs the
-        caching allocator already reuses memory)."""
-        if inputs[0].device.type != "cpu":
-            return None
-        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-            return None
-        return thread_arena()
-
-    def _search(self, lrsr_lv3: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Flat index ``[B, H*W]`` and its relevance (differentiable, gather/scatter backward)."""
-        workers = worker_count(lrsr_lv3.device)
-        arena = self._arena(lrsr_lv3, *keys)
-
-        # Index work (many small operations) runs on single-threaded workers.
-        def search() -> tuple[Tensor, PatchTables]:
-            return search_with_tables(
-                lrsr_lv3,
-                keys,
-                self.screening,
-                step_elements=self.step_elements,
-                workers=workers,
-                arena=arena,
-            )
-
-        index, tables = single_threaded(search, lrsr_lv3.device)
-        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, tables, *keys)
+        The search tables live in the runtime's scratch memory unless autograd keeps them."""
+        kept = torch.is_grad_enabled() and any(x.requires_grad for x in (lrsr_lv3, *keys))
+        tables_runtime = runtime.on(lrsr_lv3.device, scratch=not kept)
+        index, tables = search_with_tables(
+            lrsr_lv3, keys, self.screening, step_elements=self.step_elements, runtime=tables_runtime
+        )
+        soft_attention = BestPatchRelevance.apply(lrsr_lv3, index, tables, tables_runtime, *keys)
         del tables
         return soft_attention, index
 
-    def search_and_transfer(
-        self,
-        lrsr_lv3: Tensor,
-        refsr_lv3: Tensor | Sequence[Tensor],
-        ref_lv1: Tensor | Sequence[Tensor],
-        ref_lv2: Tensor | Sequence[Tensor],
-        ref_lv3: Tensor | Sequence[Tensor],
-    ) -> TransferResult:
-        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
-        keys = as_reference_list(refsr_lv3)
-        levels = {1: as_reference_list(ref_lv3), 2: as_reference_list(ref_lv2)}
-        levels[4] = as_reference_list(ref_lv1)
-        batch, _, height, width = lrsr_lv3.shape
-        size = (height, width)
-        sizes = [(k.size(2), k.size(3)) for k in keys]
-        for scale, references in levels.items():
-            check_level_sizes(references, sizes, scale)
-
-        soft_attention, index = self._search(lrsr_lv3, keys)
-        neighbours = single_threaded(lambda: plan_neighbours(index, size, sizes), lrsr_lv3.device)
+    def _transfer(
+        self, index: Tensor, levels: dict[int, list[Tensor]], lr_size: Size, runtime: Runtime
+    ) -> dict[int, Tensor]:
+        """Gathers by one plan per scale (the largest first, while little else is held)."""
+        reference_sizes = [(r.size(2), r.size(3)) for r in levels[1]]
+        neighbours = runtime.serial(lambda: plan_neighbours(index, lr_size, reference_sizes))
         textures = {}
-        for scale in (4, 2, 1):  # the largest level first, while little else is held
-            plan = single_threaded(
-                lambda s=scale: transfer_plan(index, size, sizes, s, self.divisor, neighbours),
-                lrsr_lv3.device,
+        for scale in sorted(levels, reverse=True):
+            plan = runtime.serial(
+                lambda s=scale: transfer_plan(
+                    index, lr_size, reference_sizes, s, self.divisor, neighbours
+                )
             )
-            arena = self._arena(*levels[scale])
-            if arena is not None:
-                arena.reset()  # a new phase: the search tables and earlier level tables are dead
-            textures[scale] = gather_textures(levels[scale], plan, size, scale, arena)
+            kept = torch.is_grad_enabled() and any(r.requires_grad for r in levels[scale])
+            level_runtime = runtime.on(index.device, scratch=not kept)
+            level_runtime.next_phase()  # the search tables and earlier level tables are dead
+            textures[scale] = gather_textures(levels[scale], plan, lr_size, scale, level_runtime)
             del plan
-        release_free_memory()  # what the workers freed, for whatever runs next
-        return TransferResult(
-            soft_attention=soft_attention.view(batch, 1, height, width),
-            t_lv3=textures[1],
-            t_lv2=textures[2],
-            t_lv1=textures[4],
-            index=index.view(batch, height, width),
-        )
+        return textures

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttsr.model.config import DEFAULT_BLOCKS
+from ttsr.model.search_transfer import TransferResult
 
 #: Channels of the relu3_1, relu2_1, relu1_1 textures fused at x1, x2, x4.
 TEXTURE_CHANNELS = (256, 128, 64)
@@ -49,6 +50,25 @@ def conv_of_parts(conv: nn.Conv2d, parts: Sequence[Tensor | Callable[[], Tensor]
     return out
 
 
+def relu(x: Tensor, lean: bool) -> Tensor:
+    """ReLU, in place when ``lean`` (``x`` is a fresh intermediate nobody else reads)."""
+    return F.relu_(x) if lean else F.relu(x)
+
+
+def merge(conv: nn.Conv2d, parts: Sequence[Tensor | Callable[[], Tensor]], lean: bool) -> Tensor:
+    """``conv`` of the concatenated ``parts`` (a callable part is built when needed); ``lean``:
+    as a sum of per-part convolutions (:func:`conv_of_parts`), with no concatenation."""
+    if lean:
+        return conv_of_parts(conv, parts)
+    return conv(torch.cat([part() if callable(part) else part for part in parts], dim=1))
+
+
+def project_up(conv: nn.Conv2d, x: Tensor, factor: int, lean: bool) -> Tensor:
+    """A 1x1 ``conv`` of ``x`` upsampled by ``factor``; ``lean``: the 1x1 first, on ``factor**2``
+    times fewer pixels (both are linear and bicubic weights sum to one, so they commute)."""
+    return upsample(conv(x), factor) if lean else conv(upsample(x, factor))
+
+
 class ResBlock(nn.Module):
     """conv-ReLU-conv with an identity skip: ``x + res_scale * body(x)``."""
 
@@ -58,36 +78,24 @@ class ResBlock(nn.Module):
         self.conv1 = conv3x3(n_feats, n_feats)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(n_feats, n_feats)
-        #: Under no_grad, compute in place (same values, fewer temporaries).
-        self.lean_inference = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.lean_inference and not torch.is_grad_enabled():
-            return self._body(x).add_(x)  # same values, no temporaries beyond the body
-        return x + self.conv2(self.relu(self.conv1(x))) * self.res_scale
-
-    def _body(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, overwrite: bool = False) -> Tensor:
+        """``overwrite``: add into ``x`` itself (inference, the caller gives ``x`` up)."""
         body = self.conv2(self.relu(self.conv1(x)))
-        return body if self.res_scale == 1 else body.mul_(self.res_scale)
-
-    def add_in_place(self, x: Tensor) -> Tensor:
-        """``x += res_scale * body(x)``, overwriting ``x`` (inference; the caller gives it up)."""
-        return x.add_(self._body(x))
+        if self.res_scale != 1:
+            body = body.mul_(self.res_scale)
+        return x.add_(body) if overwrite else body.add_(x)
 
 
 def res_blocks(count: int, n_feats: int, res_scale: float) -> nn.ModuleList:
     return nn.ModuleList(ResBlock(n_feats, res_scale) for _ in range(count))
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, consume: bool = False) -> Tensor:
-    """The residual blocks in turn. Under no_grad (lean inference) every block after the first
-    adds into its input in place, and the first too when ``consume`` (the caller gives ``x`` up)."""
-    lean = not torch.is_grad_enabled()
+def run_blocks(blocks: nn.ModuleList, x: Tensor, lean: bool, consume: bool = False) -> Tensor:
+    """The residual blocks in turn. ``lean``: every block after the first adds into its input in
+    place, and the first too when ``consume`` (the caller gives ``x`` up)."""
     for position, block in enumerate(blocks):
-        if lean and block.lean_inference and (consume or position > 0):
-            x = block.add_in_place(x)
-        else:
-            x = block(x)
+        x = block(x, overwrite=lean and (consume or position > 0))
     return x
 
 
@@ -100,9 +108,9 @@ class SFE(nn.Module):
         self.RBs = res_blocks(num_blocks, n_feats, res_scale)
         self.conv_tail = conv3x3(n_feats, n_feats)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.conv_head(x))
-        return x + self.conv_tail(run_blocks(self.RBs, x))
+    def forward(self, x: Tensor, lean: bool = False) -> Tensor:
+        x = relu(self.conv_head(x), lean)
+        return self.conv_tail(run_blocks(self.RBs, x, lean)).add_(x)
 
 
 class CSFI2(nn.Module):
@@ -115,18 +123,12 @@ class CSFI2(nn.Module):
         self.conv_merge1 = conv3x3(n_feats * 2, n_feats)
         self.conv_merge2 = conv3x3(n_feats * 2, n_feats)
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        x12 = F.relu(self.conv12(upsample(x1, 2)))
-        x21 = F.relu(self.conv21(x2))
-        out1 = F.relu(self.conv_merge1(torch.cat((x1, x21), dim=1)))
-        out2 = F.relu(self.conv_merge2(torch.cat((x2, x12), dim=1)))
+    def forward(self, x1: Tensor, x2: Tensor, lean: bool = False) -> tuple[Tensor, Tensor]:
+        x21 = lambda: relu(self.conv21(x2), lean)  # noqa: E731
+        x12 = lambda: relu(project_up(self.conv12, x1, 2, lean), lean)  # noqa: E731
+        out1 = relu(merge(self.conv_merge1, [x1, x21], lean), lean)
+        out2 = relu(merge(self.conv_merge2, [x2, x12], lean), lean)
         return out1, out2
-
-    def lean(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`forward` for inference: no concatenations, branches freed as used."""
-        out1 = F.relu_(conv_of_parts(self.conv_merge1, [x1, lambda: F.relu_(self.conv21(x2))]))
-        x12 = lambda: F.relu_(upsample(self.conv12(x1), 2))  # noqa: E731
-        return out1, F.relu_(conv_of_parts(self.conv_merge2, [x2, x12]))
 
 
 class CSFI3(nn.Module):
@@ -145,41 +147,20 @@ class CSFI3(nn.Module):
         self.conv_merge2 = conv3x3(n_feats * 3, n_feats)
         self.conv_merge3 = conv3x3(n_feats * 3, n_feats)
 
-    def forward(self, x1: Tensor, x2: Tensor, x3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x12 = F.relu(self.conv12(upsample(x1, 2)))
-        x13 = F.relu(self.conv13(upsample(x1, 4)))
-        x21 = F.relu(self.conv21(x2))
-        x23 = F.relu(self.conv23(upsample(x2, 2)))
-        x31 = F.relu(self.conv31_2(F.relu(self.conv31_1(x3))))
-        x32 = F.relu(self.conv32(x3))
-        out1 = F.relu(self.conv_merge1(torch.cat((x1, x21, x31), dim=1)))
-        out2 = F.relu(self.conv_merge2(torch.cat((x2, x12, x32), dim=1)))
-        out3 = F.relu(self.conv_merge3(torch.cat((x3, x13, x23), dim=1)))
-        return out1, out2, out3
+    def forward(
+        self, x1: Tensor, x2: Tensor, x3: Tensor, lean: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        def down(conv: nn.Conv2d, x: Tensor) -> Callable[[], Tensor]:
+            return lambda: relu(conv(x), lean)
 
-    def lean(self, x1: Tensor, x2: Tensor, x3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`forward` for inference: no concatenations, branches freed as used."""
-        out1 = conv_of_parts(
-            self.conv_merge1,
-            [
-                x1,
-                lambda: F.relu_(self.conv21(x2)),
-                lambda: F.relu_(self.conv31_2(F.relu_(self.conv31_1(x3)))),
-            ],
-        )
-        out2 = conv_of_parts(
-            self.conv_merge2,
-            [x2, lambda: F.relu_(upsample(self.conv12(x1), 2)), lambda: F.relu_(self.conv32(x3))],
-        )
-        out3 = conv_of_parts(
-            self.conv_merge3,
-            [
-                x3,
-                lambda: F.relu_(upsample(self.conv13(x1), 4)),
-                lambda: F.relu_(upsample(self.conv23(x2), 2)),
-            ],
-        )
-        return F.relu_(out1), F.relu_(out2), F.relu_(out3)
+        def up(conv: nn.Conv2d, x: Tensor, factor: int) -> Callable[[], Tensor]:
+            return lambda: relu(project_up(conv, x, factor, lean), lean)
+
+        x31 = lambda: relu(self.conv31_2(relu(self.conv31_1(x3), lean)), lean)  # noqa: E731
+        out1 = merge(self.conv_merge1, [x1, down(self.conv21, x2), x31], lean)
+        out2 = merge(self.conv_merge2, [x2, up(self.conv12, x1, 2), down(self.conv32, x3)], lean)
+        out3 = merge(self.conv_merge3, [x3, up(self.conv13, x1, 4), up(self.conv23, x2, 2)], lean)
+        return relu(out1, lean), relu(out2, lean), relu(out3, lean)
 
 
 class MergeTail(nn.Module):
@@ -193,25 +174,16 @@ class MergeTail(nn.Module):
         self.conv_tail1 = conv3x3(n_feats, n_feats // 2)
         self.conv_tail2 = conv1x1(n_feats // 2, 3)
 
-    def forward(self, x1: Tensor, x2: Tensor, x3: Tensor, skip: Tensor | None = None) -> Tensor:
-        x13 = F.relu(self.conv13(upsample(x1, 4)))
-        x23 = F.relu(self.conv23(upsample(x2, 2)))
-        x = F.relu(self.conv_merge(torch.cat((x3, x13, x23), dim=1)))
+    def forward(
+        self, x1: Tensor, x2: Tensor, x3: Tensor, skip: Tensor | None = None, lean: bool = False
+    ) -> Tensor:
+        x13 = lambda: relu(project_up(self.conv13, x1, 4, lean), lean)  # noqa: E731
+        x23 = lambda: relu(project_up(self.conv23, x2, 2, lean), lean)  # noqa: E731
+        x = relu(merge(self.conv_merge, [x3, x13, x23], lean), lean)
         x = self.conv_tail2(self.conv_tail1(x))
-        return torch.clamp(x if skip is None else x + skip, -1, 1)
-
-    def lean(self, x1: Tensor, x2: Tensor, x3: Tensor, skip: Tensor | None = None) -> Tensor:
-        """:meth:`forward` for inference: no concatenation, branches freed as used."""
-        x = conv_of_parts(
-            self.conv_merge,
-            [
-                x3,
-                lambda: F.relu_(upsample(self.conv13(x1), 4)),
-                lambda: F.relu_(upsample(self.conv23(x2), 2)),
-            ],
-        )
-        x = self.conv_tail2(self.conv_tail1(F.relu_(x)))
-        return (x if skip is None else x.add_(skip)).clamp_(-1, 1)
+        if skip is not None:
+            x = x.add_(skip)
+        return x.clamp_(-1, 1) if lean else torch.clamp(x, -1, 1)
 
 
 class Generator(nn.Module):
@@ -247,163 +219,100 @@ class Generator(nn.Module):
         c3, c2, c1 = TEXTURE_CHANNELS
 
         self.SFE = SFE(sfe, n_feats, res_scale)
-        if use_texture:
-            self.conv11_head = conv3x3(c3 + n_feats, n_feats)
-        self.RB11 = res_blocks(stage1, n_feats, res_scale)
-        self.conv11_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(1, stage1, c3, res_scale)
         self.conv12 = conv3x3(n_feats, n_feats * 4)
         self.ps12 = nn.PixelShuffle(2)
-        if use_texture:
-            self.conv22_head = conv3x3(c2 + n_feats, n_feats)
-        self.ex12 = CSFI2(n_feats)
-        self.RB21 = res_blocks(stage2, n_feats, res_scale)
-        self.RB22 = res_blocks(stage2, n_feats, res_scale)
-        self.conv21_tail = conv3x3(n_feats, n_feats)
-        self.conv22_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(2, stage2, c2, res_scale, CSFI2(n_feats))
         self.conv23 = conv3x3(n_feats, n_feats * 4)
         self.ps23 = nn.PixelShuffle(2)
-        if use_texture:
-            self.conv33_head = conv3x3(c1 + n_feats, n_feats)
-        self.ex123 = CSFI3(n_feats)
-        self.RB31 = res_blocks(stage3, n_feats, res_scale)
-        self.RB32 = res_blocks(stage3, n_feats, res_scale)
-        self.RB33 = res_blocks(stage3, n_feats, res_scale)
-        self.conv31_tail = conv3x3(n_feats, n_feats)
-        self.conv32_tail = conv3x3(n_feats, n_feats)
-        self.conv33_tail = conv3x3(n_feats, n_feats)
-
+        self._add_stage(3, stage3, c1, res_scale, CSFI3(n_feats))
         self.merge_tail = MergeTail(n_feats)
-        self.lean_inference = True
 
-    @property
-    def lean_inference(self) -> bool:
-        """Whether forward under no_grad takes the lean path (:meth:`_forward_lean`); on by
-        default, off only to measure against the plain one (``scripts/benchmark.py``)."""
-        return self._lean_inference
-
-    @lean_inference.setter
-    def lean_inference(self, enabled: bool) -> None:
-        self._lean_inference = bool(enabled)
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                module.lean_inference = bool(enabled)
-
-    @staticmethod
-    def _fuse(x: Tensor, texture: Tensor, attention: Tensor, head: nn.Conv2d) -> Tensor:
-        """Soft-attention fusion: ``x + conv(cat(x, T)) * S``."""
-        return x + head(torch.cat((x, texture), dim=1)) * attention
+    def _add_stage(
+        self,
+        stage: int,
+        blocks: int,
+        channels: int,
+        res_scale: float,
+        csfi: nn.Module | None = None,
+    ) -> None:
+        """Stage ``stage`` (1, 2, 3 at x1, x2, x4) with ``stage`` streams, in the released order
+        and names: the texture fusion head ``conv{s}{s}_head`` (``channels`` texture channels),
+        the cross-scale integration (``ex12``, ``ex123``), per stream ``RB{s}{i}`` and then
+        per stream ``conv{s}{i}_tail``."""
+        n_feats = self.n_feats
+        if self.use_texture:
+            setattr(self, f"conv{stage}{stage}_head", conv3x3(channels + n_feats, n_feats))
+        if csfi is not None:
+            setattr(self, "ex12" if stage == 2 else "ex123", csfi)
+        for stream in range(1, stage + 1):
+            setattr(self, f"RB{stage}{stream}", res_blocks(blocks, n_feats, res_scale))
+        for stream in range(1, stage + 1):
+            setattr(self, f"conv{stage}{stream}_tail", conv3x3(n_feats, n_feats))
 
     def forward(
         self,
         lr: Tensor,
-        soft_attention: Tensor | None = None,
-        t_lv3: Tensor | None = None,
-        t_lv2: Tensor | None = None,
-        t_lv1: Tensor | None = None,
+        textures: TransferResult | None = None,
         lrsr: Tensor | None = None,
+        lean: bool = False,
     ) -> Tensor:
-        """``lr`` ``[B, 3, H, W]`` in [-1, 1] (+ S and textures) -> ``[B, 3, 4H, 4W]``.
+        """``lr`` ``[B, 3, H, W]`` in [-1, 1] and transferred ``textures`` -> ``[B, 3, 4H, 4W]``.
 
         ``lrsr`` (the bicubic x4 of ``lr``) is needed only with ``bicubic_skip``.
+
+        ``lean`` (inference, without autograd) computes the same function to float rounding in
+        less memory and time: convolutions of concatenations as sums of per-part convolutions,
+        1x1 convolutions before the bicubic upsampling, activations and residual additions in
+        place, and each texture map taken out of ``textures`` (set to ``None``) once fused, so
+        that it is freed then if the caller holds no other reference to it (the x4 map is as
+        large as a feature map of the x4 stage).
         """
+        if lean and torch.is_grad_enabled():
+            raise RuntimeError("lean=True is for inference: run it under torch.no_grad()")
         if self.use_texture and (
-            soft_attention is None or t_lv1 is None or t_lv2 is None or t_lv3 is None
+            textures is None
+            or textures.t_lv1 is None
+            or textures.t_lv2 is None
+            or textures.t_lv3 is None
         ):
-            raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
+            raise ValueError("this generator fuses textures: pass the transferred textures")
         if self.bicubic_skip and lrsr is None:
             raise ValueError("this generator adds the bicubic image: pass lrsr")
-        if self.lean_inference and not torch.is_grad_enabled():
-            textures = {"t_lv3": t_lv3, "t_lv2": t_lv2, "t_lv1": t_lv1}
-            return self._forward_lean(lr, soft_attention, textures, lrsr)
-        x11 = self.SFE(lr)
-        if self.use_texture:
-            x11 = self._fuse(x11, t_lv3, soft_attention, self.conv11_head)
-        x11 = x11 + self.conv11_tail(run_blocks(self.RB11, x11))
 
-        x21 = x11
-        x22 = F.relu(self.ps12(self.conv12(x11)))
-        if self.use_texture:
-            x22 = self._fuse(x22, t_lv2, upsample(soft_attention, 2), self.conv22_head)
-        x21_res, x22_res = self.ex12(x21, x22)
-        x21 = x21 + self.conv21_tail(run_blocks(self.RB21, x21_res))
-        x22 = x22 + self.conv22_tail(run_blocks(self.RB22, x22_res))
+        def fuse(x: Tensor, level: str, scale: int, head: nn.Conv2d) -> Tensor:
+            """Soft-attention fusion: ``x + conv(cat(x, T)) * S``."""
+            assert textures is not None
+            attention = textures.soft_attention
+            attention = attention if scale == 1 else upsample(attention, scale)
+            texture = getattr(textures, level)
+            if lean:
+                setattr(textures, level, None)
+            return merge(head, [x, texture], lean).mul_(attention).add_(x)
 
-        x31, x32 = x21, x22
-        x33 = F.relu(self.ps23(self.conv23(x22)))
-        if self.use_texture:
-            x33 = self._fuse(x33, t_lv1, upsample(soft_attention, 4), self.conv33_head)
-        x31_res, x32_res, x33_res = self.ex123(x31, x32, x33)
-        x31 = x31 + self.conv31_tail(run_blocks(self.RB31, x31_res))
-        x32 = x32 + self.conv32_tail(run_blocks(self.RB32, x32_res))
-        x33 = x33 + self.conv33_tail(run_blocks(self.RB33, x33_res))
-        return self.merge_tail(x31, x32, x33, lrsr if self.bicubic_skip else None)
-
-    def forward_consuming(
-        self,
-        lr: Tensor,
-        soft_attention: Tensor | None = None,
-        textures: dict[str, Tensor | None] | None = None,
-        lrsr: Tensor | None = None,
-    ) -> Tensor:
-        """Inference (no autograd) that takes ``t_lv3``, ``t_lv2``, ``t_lv1`` out of ``textures``
-        as it fuses them: a caller that keeps no other reference frees each texture map as soon
-        as it is used (the x4 map ``t_lv1`` is as large as a feature map of the x4 stage).
-        Otherwise as :meth:`forward`."""
-        if torch.is_grad_enabled():
-            raise RuntimeError("forward_consuming is for inference: call it under torch.no_grad()")
-        textures = {} if textures is None else textures
-        if self.use_texture and (
-            soft_attention is None
-            or any(textures.get(k) is None for k in ("t_lv3", "t_lv2", "t_lv1"))
-        ):
-            raise ValueError("this generator fuses textures: pass soft_attention and t_lv1..3")
-        if self.bicubic_skip and lrsr is None:
-            raise ValueError("this generator adds the bicubic image: pass lrsr")
-        return self._forward_lean(lr, soft_attention, textures, lrsr)
-
-    def _forward_lean(
-        self,
-        lr: Tensor,
-        soft_attention: Tensor | None,
-        textures: dict[str, Tensor | None],
-        lrsr: Tensor | None,
-    ) -> Tensor:
-        """:meth:`forward` without autograd, in less memory and time: convolutions of
-        concatenations as sums of per-part convolutions, 1x1 convolutions before the bicubic
-        upsampling instead of after (both are linear and bicubic weights sum to one, so they
-        commute; the 1x1 then runs on 4 or 16 times fewer pixels), in-place activations and
-        additions, every intermediate freed once used. Equal to :meth:`forward` to float
-        rounding."""
         texture = self.use_texture
-
-        def fuse(x: Tensor, level: str, scale: int, head: nn.Module) -> Tensor:
-            attention = soft_attention if scale == 1 else upsample(soft_attention, scale)
-            return conv_of_parts(head, [x, textures.pop(level)]).mul_(attention).add_(x)
-
-        x11 = self.SFE(lr)
+        x11 = self.SFE(lr, lean)
         if texture:
             x11 = fuse(x11, "t_lv3", 1, self.conv11_head)
-        x11 = self.conv11_tail(run_blocks(self.RB11, x11)).add_(x11)
+        x11 = self.conv11_tail(run_blocks(self.RB11, x11, lean)).add_(x11)
 
-        x22 = F.relu_(self.ps12(self.conv12(x11)))
+        x22 = relu(self.ps12(self.conv12(x11)), lean)
         if texture:
             x22 = fuse(x22, "t_lv2", 2, self.conv22_head)
-        x21_res, x22_res = self.ex12.lean(x11, x22)
-        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res, consume=True)).add_(x11)
+        x21_res, x22_res = self.ex12(x11, x22, lean)
+        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res, lean, consume=True)).add_(x11)
         del x11, x21_res
-        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res, consume=True)).add_(x22)
+        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res, lean, consume=True)).add_(x22)
         del x22_res
 
-        x33 = F.relu_(self.ps23(self.conv23(x22)))
+        x33 = relu(self.ps23(self.conv23(x22)), lean)
         if texture:
             x33 = fuse(x33, "t_lv1", 4, self.conv33_head)
-        x31_res, x32_res, x33_res = self.ex123.lean(x21, x22, x33)
-        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res, consume=True)).add_(x21)
+        x31_res, x32_res, x33_res = self.ex123(x21, x22, x33, lean)
+        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res, lean, consume=True)).add_(x21)
         del x21, x31_res
-        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res, consume=True)).add_(x22)
+        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res, lean, consume=True)).add_(x22)
         del x22, x32_res
-        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res, consume=True)).add_(x33)
+        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res, lean, consume=True)).add_(x33)
         del x33_res
-        return self.merge_tail.lean(x31, x32, x33, lrsr if self.bicubic_skip else None)
+        return self.merge_tail(x31, x32, x33, lrsr if self.bicubic_skip else None, lean)

@@ -9,7 +9,8 @@ multiply-adds per pair instead of ``9C``, with the same argmax.
 Work is blocked for the cache: the reference is cut into chunks of a few relu3_1 rows; for each
 chunk the LR rows are swept in order, and the horizontal sums of each padded LR row stay in a
 small ring, since each serves three output rows. Memory is ``O(rows x chunk)``, never
-``O(N x M)``. Chunks are handed to worker threads (:mod:`ttsr.model.cpu_workers`).
+``O(N x M)``. Chunks are work items for the caller's runtime (:mod:`ttsr.runtime`: worker
+threads, or the calling thread).
 
 Screening (float32 input on a CPU with fast bfloat16 matmul): the per-pixel products are computed
 in bfloat16 (float32 accumulation, bfloat16 result), and :func:`screening_error_bound` bounds the
@@ -25,15 +26,14 @@ grid of each reference, references concatenated in order (as in ``search_transfe
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ttsr.model.cpu_workers import release_free_memory, run_items, single_threaded, worker_count
+from ttsr.runtime import PLAIN, Runtime, StepBuffers
 
 #: ``F.normalize``'s epsilon: patch norms below it are clamped, as in the straightforward search.
 NORM_EPS = 1e-12
@@ -92,15 +92,12 @@ def resolve_screening(screening: Screening, query: Tensor) -> bool:
     return screening == "bfloat16" or bfloat16_screening_available(query.device)
 
 
-def padded_pixel_table(features: Tensor, arena: ScratchArena | None = None) -> Tensor:
+def padded_pixel_table(features: Tensor, runtime: Runtime = PLAIN) -> Tensor:
     """Zero-pad by one pixel, channels last: ``[B, C, H, W]`` -> ``[B, (H+2) * (W+2), C]``
-    (in ``arena`` if given)."""
+    (memory from ``runtime``)."""
     batch, channels, height, width = features.shape
     shape = (batch, height + 2, width + 2, channels)
-    if arena is None:
-        table = features.new_empty(shape)
-    else:
-        table = arena.take(shape, features.dtype, features.device)
+    table = runtime.allocate(shape, features.dtype, features.device)
     for border in (table[:, 0], table[:, -1], table[:, 1:-1, 0], table[:, 1:-1, -1]):
         border.zero_()
     table[:, 1:-1, 1:-1].copy_(features.permute(0, 2, 3, 1))  # one pass, any memory format
@@ -122,102 +119,6 @@ def patch_norms(features: Tensor) -> Tensor:
     return table_patch_norms(padded_pixel_table(features), *features.shape[-2:])
 
 
-class Workspace:
-    """Flat scratch buffers reused from step to step (one per worker), grown on demand.
-
-    Fresh large tensors cost page faults on every allocation; reusing buffers avoids them.
-    """
-
-    def __init__(self, arena: ScratchArena | None = None) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-        self.arena = arena  # where buffers come from, if given (valid until its next reset)
-
-    def get(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype) -> Tensor:
-        """A contiguous ``shape`` view of buffer ``name`` (contents undefined)."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        key = (name, dtype)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel or buffer.device != like.device:
-            if self.arena is None:
-                buffer = torch.empty(numel, dtype=dtype, device=like.device)
-            else:
-                buffer = self.arena.take((numel,), dtype, like.device)
-            self.buffers[key] = buffer
-        return buffer[:numel].view(*shape)
-
-
-class ScratchArena:
-    """Consecutive pieces of one byte buffer, kept between calls (one per thread:
-    :func:`thread_arena`), for large tensors that die before the arena is next reset.
-
-    Fresh large tensors are mapped freshly by the C library and pay a page fault per 4 KB page
-    on first touch (in a VM, a good part of a fast forward's time). The fast SearchTransfer's
-    CPU inference scratch (pixel tables, their bfloat16 copies and the workers' step buffers,
-    then each level's channels-last reference table) lives here: phases that follow each other
-    share the same memory. A request that does not fit is served freshly, and the next
-    :meth:`reset` grows the buffer to the largest phase seen, up to :attr:`LIMIT_BYTES` (larger
-    phases are always served freshly, so one huge image does not leave a huge buffer behind).
-    """
-
-    ALIGNMENT = 64
-    #: The most the arena keeps (a CUFED5-size forward uses about 85 MB).
-    LIMIT_BYTES = 256 * 2**20
-
-    def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-        self.used = 0
-        self.wanted = 0
-        self.largest = 0
-        self.lock = threading.Lock()  # the search's workers take pieces concurrently
-
-    def reset(self) -> None:
-        """Start a phase: every piece handed out before is given back (overwritten next)."""
-        if self.wanted <= self.LIMIT_BYTES:
-            self.largest = max(self.largest, self.wanted)
-        if self.buffer is not None and self.buffer.numel() < self.largest:
-            self.buffer = None  # the old buffer goes before the larger one is made
-        self.used = self.wanted = 0
-
-    def release(self) -> None:
-        """Give the buffer back (every piece handed out must be dead); the next phase makes a
-        new one. For callers that run other large work before the next search."""
-        self.reset()
-        self.buffer = None
-
-    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of ``shape``, valid until the next :meth:`reset`."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        size = numel * dtype.itemsize
-        size += -size % self.ALIGNMENT
-        with self.lock:
-            self.wanted += size
-            if self.buffer is None and self.largest > 0:
-                self.buffer = torch.empty(self.largest, dtype=torch.uint8, device=device)
-            buffer, start = self.buffer, self.used
-            fits = buffer is not None and buffer.device == device
-            fits = fits and start + size <= buffer.numel()
-            if fits:
-                self.used += size
-        if not fits:
-            return torch.empty(*shape, dtype=dtype, device=device)
-        return buffer[start : start + numel * dtype.itemsize].view(dtype).view(*shape)
-
-
-_THREAD_STATE = threading.local()
-
-
-def thread_arena() -> ScratchArena:
-    """This thread's :class:`ScratchArena`, kept between calls."""
-    arena = getattr(_THREAD_STATE, "arena", None)
-    if arena is None:
-        arena = _THREAD_STATE.arena = ScratchArena()
-    return arena
-
-
 def pixel_windows(pixels: Tensor) -> Tensor:
     """Overlapping windows of 3 consecutive table rows: ``[P, C]`` -> ``[P - 2, 3C]`` (a view)."""
     channels = pixels.size(1)
@@ -232,7 +133,7 @@ def pair_dot(
     key_top_left: Tensor,
     query_row_length: int,
     key_row_length: Tensor,
-    workspace: Workspace | None = None,
+    buffers: StepBuffers | None = None,
 ) -> Tensor:
     """Dot products of 3x3 patch pairs, ``[P]``, from channels-last pixel tables.
 
@@ -244,7 +145,7 @@ def pair_dot(
         query_row_length: padded row length of the query grid; ``key_row_length`` ``[P]``
             the one of each pair's reference.
     """
-    workspace = workspace or Workspace()
+    buffers = buffers or StepBuffers()
     query_windows, key_windows = pixel_windows(query_pixels), pixel_windows(key_pixels)
     out = query_pixels.new_empty(query_top_left.shape)
     for start in range(0, query_top_left.numel(), PAIR_CHUNK):
@@ -252,9 +153,9 @@ def pair_dot(
         query_base, key_base = query_top_left[chunk], key_top_left[chunk]
         key_rows = key_row_length[chunk]
         shape = (query_base.numel(), query_windows.size(1))
-        products = workspace.get("pair_products", shape, query_pixels, query_pixels.dtype)
-        gathered = workspace.get("pair_query", shape, query_pixels, query_pixels.dtype)
-        keys = workspace.get("pair_key", shape, query_pixels, query_pixels.dtype)
+        products = buffers.get("pair_products", shape, query_pixels, query_pixels.dtype)
+        gathered = buffers.get("pair_query", shape, query_pixels, query_pixels.dtype)
+        keys = buffers.get("pair_key", shape, query_pixels, query_pixels.dtype)
         for dy in range(3):
             target = products if dy == 0 else gathered
             torch.index_select(query_windows, 0, query_base + dy * query_row_length, out=target)
@@ -307,15 +208,13 @@ class PatchTables:
         del channels
 
     @classmethod
-    def of(
-        cls, query: Tensor, keys: Sequence[Tensor], arena: ScratchArena | None = None
-    ) -> PatchTables:
-        """Tables of ``query`` ``[B, C, H, W]`` and references, each ``[B, C, Hr, Wr]`` (in
-        ``arena`` if given: valid until its next reset)."""
+    def of(cls, query: Tensor, keys: Sequence[Tensor], runtime: Runtime = PLAIN) -> PatchTables:
+        """Tables of ``query`` ``[B, C, H, W]`` and references, each ``[B, C, Hr, Wr]`` (memory
+        from ``runtime``: valid until its next phase)."""
         return cls(
-            padded_pixel_table(query, arena),
+            padded_pixel_table(query, runtime),
             (query.size(2), query.size(3)),
-            [padded_pixel_table(key, arena) for key in keys],
+            [padded_pixel_table(key, runtime) for key in keys],
             [(k.size(2), k.size(3)) for k in keys],
         )
 
@@ -355,7 +254,7 @@ class PatchTables:
         batch_index: Tensor,
         queries: Tensor,
         positions: Tensor,
-        workspace: Workspace | None = None,
+        buffers: StepBuffers | None = None,
     ) -> Tensor:
         """``<q, k> / (max(|q|, eps) max(|k|, eps))`` of patch pairs: ``[P]``."""
         key_top_left, key_row_length = self.key_top_left(batch_index, positions)
@@ -366,7 +265,7 @@ class PatchTables:
             key_top_left,
             self.width + 2,
             key_row_length,
-            workspace,
+            buffers,
         )
         query_norm = self.query_norm[batch_index, queries].clamp_min(NORM_EPS)
         return dot / (query_norm * self.key_norm[batch_index, positions].clamp_min(NORM_EPS))
@@ -376,26 +275,21 @@ class PatchTables:
         batch_index: Tensor,
         queries: Tensor,
         positions: Tensor,
-        workers: int,
-        arena: ScratchArena | None = None,
+        runtime: Runtime = PLAIN,
     ) -> Tensor:
-        """:meth:`relevance` of many pairs, in parts on ``workers`` single-threaded workers
-        (their buffers in ``arena`` if given)."""
+        """:meth:`relevance` of many pairs, in parts on the runtime's workers."""
         count = queries.numel()
-        parts = max(1, min(workers, count // PAIR_CHUNK))
+        parts = max(1, min(runtime.workers, count // PAIR_CHUNK))
         bounds = [round(p * count / parts) for p in range(parts + 1)]
         values = self.query_table.new_empty(queries.shape)
 
-        def score(part: int, workspace: Workspace) -> None:
+        def score(part: int, buffers: StepBuffers) -> None:
             span = slice(bounds[part], bounds[part + 1])
             values[span] = self.relevance(
-                batch_index[span], queries[span], positions[span], workspace
+                batch_index[span], queries[span], positions[span], buffers
             )
 
-        if parts == 1:
-            single_threaded(lambda: score(0, Workspace(arena)), values.device)
-        else:
-            run_items(range(parts), score, lambda: Workspace(arena), workers)
+        runtime.map(range(parts), score, runtime.step_buffers)
         return values
 
 
@@ -408,7 +302,7 @@ def relevance_steps(
     rows_per_step: int,
     key_rows: tuple[int, int],
     row_range: tuple[int, int],
-    workspace: Workspace,
+    buffers: StepBuffers,
 ) -> Iterator[tuple[int, Tensor]]:
     """Relevance of LR patches to the patches of some reference rows, from per-pixel products.
 
@@ -439,21 +333,19 @@ def relevance_steps(
     # Padded reference rows first_key_row .. stop_key_row + 1 hold the chunk's patches.
     keys = key_table[:, first_key_row * row_length : (stop_key_row + 2) * row_length]
     if batch > 1:  # bmm wants the transposed operand contiguous; copy it once per chunk
-        keys_t = workspace.get("keys", (batch, keys.size(2), keys.size(1)), key_table, dtype)
+        keys_t = buffers.get("keys", (batch, keys.size(2), keys.size(1)), key_table, dtype)
         keys_t.copy_(keys.transpose(1, 2))
     scale = inverse_key_norm[:, None, first_key_row:stop_key_row]
     # A ring of horizontal 3-sums of padded LR rows: each serves three output rows.
     slots = steps + 2
-    ring = workspace.get(
-        "ring", (slots, batch, width, padded_rows, key_width), key_table, accumulate
-    )
+    ring = buffers.get("ring", (slots, batch, width, padded_rows, key_width), key_table, accumulate)
     computed = first_row  # padded LR rows below this one are in the ring
     for first in range(first_row, stop_row, steps):
         rows = min(steps, stop_row - first)
         needed = first + rows + 2  # output rows use padded LR rows first .. first + rows + 1
         new = needed - computed
         pixels = query_table[:, computed * (width + 2) : needed * (width + 2)]
-        products = workspace.get(
+        products = buffers.get(
             "products", (batch, new * (width + 2), padded_rows * row_length), key_table, dtype
         )
         if batch == 1:
@@ -465,7 +357,7 @@ def relevance_steps(
         for i in range(new):
             sums = products[:, i]
             if accumulate != dtype:  # one padded row at a time: a small float32 buffer
-                sums = workspace.get("sums", sums.shape, key_table, accumulate).copy_(sums)
+                sums = buffers.get("sums", sums.shape, key_table, accumulate).copy_(sums)
             target = ring[(computed + i) % slots]
             # LR pixel x + dx meets reference pixel c + dx.
             torch.add(
@@ -475,7 +367,7 @@ def relevance_steps(
             )
             target.add_(sums[:, 2 : width + 2, :, 2 : key_width + 2])
         computed = needed
-        relevance = workspace.get(
+        relevance = buffers.get(
             "relevance", (batch, rows, width, rows_here, key_width), key_table, accumulate
         )
         for j in range(rows):
@@ -530,12 +422,12 @@ class _Block:
         """Flat query ids ``b * N + n`` of block queries ``(b, q)``."""
         return (self.batch_start + b) * self.queries_per_batch + self.query_start + q
 
-    def at_least(self, threshold: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:
+    def at_least(self, threshold: Tensor, buffers: StepBuffers) -> tuple[Tensor, Tensor, Tensor]:
         """Every (query id, position, value) with ``value >= threshold`` ``[B', Q]``."""
         b, q, k = (self.block_max >= threshold[..., None]).nonzero(as_tuple=True)
         _, queries, count, size = self.blocks.shape
         flat = (b * queries + q) * count + k
-        values = workspace.get("candidate_blocks", (flat.numel(), size), flat, self.blocks.dtype)
+        values = buffers.get("candidate_blocks", (flat.numel(), size), flat, self.blocks.dtype)
         torch.index_select(self.blocks.view(-1, size), 0, flat, out=values)
         which, entry = (values >= threshold[b, q, None]).nonzero(as_tuple=True)
         positions = self.first_position + k[which] * size + entry
@@ -562,10 +454,10 @@ class _Item:
 class _ExactState:
     """A worker's best (value, first position) per query ``[B, N]``, in the input dtype."""
 
-    def __init__(self, like: Tensor, workspace: Workspace) -> None:
+    def __init__(self, like: Tensor, buffers: StepBuffers) -> None:
         self.best = torch.full_like(like, float("-inf"))
         self.position = torch.zeros(like.shape, dtype=torch.long, device=like.device)
-        self.workspace = workspace
+        self.buffers = buffers
 
     def merge(self, other: _ExactState) -> None:
         """Keep the higher value; equal values keep the smaller position."""
@@ -582,13 +474,13 @@ class _ScreenedState:
     ``crowded_rows`` ``[B * H]``: LR rows given up for rescoring (searched again exactly).
     """
 
-    def __init__(self, like: Tensor, width: int, row_limit: int, workspace: Workspace) -> None:
+    def __init__(self, like: Tensor, width: int, row_limit: int, buffers: StepBuffers) -> None:
         self.best = torch.full(like.shape, float("-inf"), device=like.device)
         self.width, self.row_limit = width, row_limit
         self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self.size = 0
         self.crowded_rows = torch.zeros(like.numel() // width, dtype=torch.bool, device=like.device)
-        self.workspace = workspace
+        self.buffers = buffers
 
     def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
         self.parts.append((ids, positions, values))
@@ -624,16 +516,15 @@ class _Search:
         tables: PatchTables,
         rows_per_step: int,
         key_rows_per_chunk: int,
-        workers: int,
-        arena: ScratchArena | None = None,
+        runtime: Runtime = PLAIN,
     ) -> None:
-        self.arena = arena  # for the matmul-dtype tables and the workers' buffers, if given
+        self.runtime = runtime  # workers; memory for the matmul-dtype tables and step buffers
         self.batch = tables.query_table.size(0)
         self.height, self.width = tables.height, tables.width
         self.key_sizes = tables.key_sizes
         self.queries = self.batch * self.height * self.width
         self.rows_per_step, self.key_rows_per_chunk = rows_per_step, key_rows_per_chunk
-        self.workers = workers
+        self.workers = runtime.workers
         self.device = tables.query_table.device
         self.tables = tables  # in the input dtype
         self.query_norm = self.tables.query_norm.reshape(-1)  # [B * N]
@@ -671,9 +562,9 @@ class _Search:
         scale_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
 
         def converted(table: Tensor) -> Tensor:
-            if table.dtype == dtype or self.arena is None:
-                return table.to(dtype)
-            return self.arena.take(table.shape, dtype, table.device).copy_(table)
+            if table.dtype == dtype:
+                return table
+            return self.runtime.allocate(table.shape, dtype, table.device).copy_(table)
 
         self.matmul_tables = (
             converted(tables.query_table),
@@ -681,7 +572,7 @@ class _Search:
             [s.to(scale_dtype) for s in self.inverse_key_norms],
         )
 
-    def blocks(self, item: _Item, workspace: Workspace) -> Iterator[_Block]:
+    def blocks(self, item: _Item, buffers: StepBuffers) -> Iterator[_Block]:
         """The relevance blocks of a work item, step by step (after :meth:`prepare`)."""
         assert self.matmul_tables is not None
         query_table, key_tables, scales = self.matmul_tables
@@ -699,7 +590,7 @@ class _Search:
             self.rows_per_step,
             item.key_rows,
             item.row_range,
-            workspace,
+            buffers,
         )
         count = self.height * self.width
         for first, relevance in steps:
@@ -711,24 +602,22 @@ class _Search:
         self.prepare(self.tables.query_table.dtype)
 
         def process(item: _Item, state: _ExactState) -> None:
-            for block in self.blocks(item, state.workspace):
+            for block in self.blocks(item, state.buffers):
                 best = block.span(state.best)
                 better = (block.best > best).nonzero(as_tuple=True)
                 if better[0].numel():
                     best[better] = block.best[better]
                     block.span(state.position)[better] = block.first_best(*better)
 
-        states = run_items(
+        states = self.runtime.map(
             self.items(row_range or (0, self.height)),
             process,
-            lambda: _ExactState(self.tables.query_norm, Workspace(self.arena)),
-            self.workers,
+            lambda: _ExactState(self.tables.query_norm, self.runtime.step_buffers()),
         )
         for other in states[1:]:
             states[0].merge(other)
         position = states[0].position.view(-1)
         del states
-        release_free_memory()
         return position
 
     def prepare_screening(self) -> Tensor:
@@ -748,26 +637,24 @@ class _Search:
         row_limit = max(1, self.width * total_positions // EXACT_ENTRIES_PER_CANDIDATE)
 
         def process(item: _Item, state: _ScreenedState) -> None:
-            for block in self.blocks(item, state.workspace):
+            for block in self.blocks(item, state.buffers):
                 best = block.span(state.best)
                 torch.maximum(best, block.best, out=best)
-                state.add(*block.at_least(best - block.span(margin), state.workspace))
+                state.add(*block.at_least(best - block.span(margin), state.buffers))
             state.prune(margin)
 
-        states = run_items(
+        states = self.runtime.map(
             self.items((0, self.height)),
             process,
             lambda: _ScreenedState(
-                self.tables.query_norm, self.width, row_limit, Workspace(self.arena)
+                self.tables.query_norm, self.width, row_limit, self.runtime.step_buffers()
             ),
-            self.workers,
         )
         threshold = torch.stack([s.best for s in states]).amax(0) - margin
         crowded_rows = torch.stack([s.crowded_rows for s in states]).any(0)
         for state in states:
             state.crowded_rows = crowded_rows
-            state.workspace = Workspace()
-        release_free_memory()  # what the workers freed, before anything else is allocated
+            state.buffers = StepBuffers()
         found = [s.candidates(threshold) for s in states]
         ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
         counts = torch.bincount(ids, minlength=self.queries)[ids]
@@ -791,7 +678,7 @@ class _Search:
         order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
         ids, positions, batch_index = ids[order], positions[order], batch_index[order]
         values = self.tables.relevance_on_workers(
-            batch_index, ids - batch_index * count, positions, self.workers, self.arena
+            batch_index, ids - batch_index * count, positions, self.runtime
         )
         best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
         best.scatter_reduce_(0, ids, values, "amax")
@@ -819,11 +706,11 @@ def _rounding_ratio(table: Tensor, rounded: Tensor, norm: Tensor, size: tuple[in
     """``|x - x16| / |x|`` per 3x3 patch of a padded table and its bfloat16 rounding: ``[B, N]``."""
     squared = torch.empty(table.shape[:2], dtype=table.dtype, device=table.device)
     step = 1 << 12  # a slice at a time: no full-size temporary
-    workspace = Workspace()
+    buffers = StepBuffers()
     for start in range(0, table.size(1), step):
         rows = slice(start, start + step)
         part = table[:, rows]
-        residual = workspace.get("residual", part.shape, part, part.dtype)
+        residual = buffers.get("residual", part.shape, part, part.dtype)
         torch.sub(part, rounded[:, rows], out=residual)
         torch.linalg.vector_norm(residual, dim=-1, out=squared[:, rows]).square_()
     squared = squared.view(-1, size[0] + 2, size[1] + 2)
@@ -895,8 +782,7 @@ def search_with_tables(
     rows_per_step: int | None = None,
     key_rows_per_chunk: int | None = None,
     step_elements: int = DEFAULT_STEP_ELEMENTS,
-    workers: int | None = None,
-    arena: ScratchArena | None = None,
+    runtime: Runtime = PLAIN,
 ) -> tuple[Tensor, PatchTables]:
     """Best reference position of every 3x3 query patch, and the inputs' pixel tables.
 
@@ -908,11 +794,9 @@ def search_with_tables(
         rows_per_step, key_rows_per_chunk: the tiling (LR rows per step, reference rows per
             chunk); by default chosen for about ``step_elements`` relevance entries per step.
             Working memory is a few times that per worker; the result does not depend on it.
-        workers: worker threads (default: the intra-op thread count for CPU tensors).
-        arena: where to build the pixel tables, their matmul-dtype copies and the workers'
-            step buffers (it is reset first): no fresh memory, no page faults; the returned
-            tables are then valid only until the arena's next reset. For callers that drop
-            them before that (inference).
+        runtime: runs the work items and gives the memory of the pixel tables, their
+            matmul-dtype copies and the step buffers (:mod:`ttsr.runtime`); a new phase of it
+            starts here, and the returned tables are valid until its next one.
     Returns:
         ``[B, H*W]`` int64 indices into the concatenated reference positions, and the float
         :class:`PatchTables` of the inputs (reusable for their relevance).
@@ -921,39 +805,28 @@ def search_with_tables(
     keys = [k.detach() for k in keys_lv3]
     rows, key_rows = step_sizes(batch, width, [(k.size(2), k.size(3)) for k in keys], step_elements)
     screen = resolve_screening(screening, query_lv3)
-    workers = worker_count(query_lv3.device) if workers is None else workers
 
-    # Large one-off operations (tables, norms, conversions) use every intra-op thread; the
-    # loops of small ones run on single-threaded workers.
-    if arena is not None:
-        arena.reset()
-    search = _Search(
-        PatchTables.of(query_lv3.detach(), keys, arena),
-        rows_per_step or rows,
-        key_rows_per_chunk or key_rows,
-        workers,
-        arena,
-    )
-    if screen:
-        margin = search.prepare_screening()
-        found = single_threaded(lambda: search.screened(margin), query_lv3.device)
-    else:
-        found = single_threaded(search.exact, query_lv3.device)
-    return found.view(batch, height * width), search.tables
+    def run() -> tuple[Tensor, PatchTables]:
+        runtime.next_phase()
+        search = _Search(
+            PatchTables.of(query_lv3.detach(), keys, runtime),
+            rows_per_step or rows,
+            key_rows_per_chunk or key_rows,
+            runtime,
+        )
+        found = search.screened(search.prepare_screening()) if screen else search.exact()
+        return found.view(batch, height * width), search.tables
+
+    # Tables, norms and bounds are many small operations too: the whole search is one serial
+    # phase of the runtime (one intra-op thread), its work items go to the runtime's workers.
+    return runtime.serial(run)
 
 
 def search_best_positions(
-    query_lv3: Tensor,
-    keys_lv3: Sequence[Tensor],
-    screening: Screening = "auto",
-    rows_per_step: int | None = None,
-    key_rows_per_chunk: int | None = None,
-    step_elements: int = DEFAULT_STEP_ELEMENTS,
-    workers: int | None = None,
+    query_lv3: Tensor, keys_lv3: Sequence[Tensor], *args: Any, **kwargs: Any
 ) -> Tensor:
     """Best reference position of every 3x3 query patch (the hard attention), in bounded memory:
     ``[B, H*W]`` int64 indices into the concatenated reference positions. Same arguments as
-    :func:`search_with_tables`; the result never depends on the tiling or the screening."""
-    return search_with_tables(
-        query_lv3, keys_lv3, screening, rows_per_step, key_rows_per_chunk, step_elements, workers
-    )[0]
+    :func:`search_with_tables`; the result never depends on the tiling, the screening or the
+    runtime."""
+    return search_with_tables(query_lv3, keys_lv3, *args, **kwargs)[0]

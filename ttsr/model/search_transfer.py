@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttsr.model.config import Divisor
+from ttsr.runtime import PLAIN, Runtime
+
+#: ``(height, width)`` of a grid.
+Size = tuple[int, int]
 
 #: (kernel, stride, padding) of the transfer at relu3_1, relu2_1 and relu1_1 (scale 1, 2, 4).
 TRANSFER_GEOMETRY: dict[int, tuple[int, int, int]] = {1: (3, 1, 1), 2: (6, 2, 2), 4: (12, 4, 4)}
@@ -36,14 +40,18 @@ class SearchResult:
     relevance: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class TransferResult:
-    """Soft attention ``[B, 1, H, W]``, textures at three scales, hard attention ``[B, H, W]``."""
+    """Soft attention ``[B, 1, H, W]``, textures ``t_lv3`` ``[B, 256, H, W]``, ``t_lv2``
+    ``[B, 128, 2H, 2W]``, ``t_lv1`` ``[B, 64, 4H, 4W]``, hard attention ``[B, H, W]``.
+
+    A lean generator forward takes the texture maps out (sets them to ``None``) as it fuses them.
+    """
 
     soft_attention: Tensor
-    t_lv3: Tensor
-    t_lv2: Tensor
-    t_lv1: Tensor
+    t_lv3: Tensor | None
+    t_lv2: Tensor | None
+    t_lv1: Tensor | None
     index: Tensor
 
 
@@ -149,28 +157,25 @@ class SearchTransfer(nn.Module):
             raise ValueError(f"divisor must be 'overlap' or 'constant', not {divisor!r}")
         self.divisor: Divisor = divisor
 
-    def forward(
-        self,
-        lrsr_lv3: Tensor,
-        refsr_lv3: Tensor | Sequence[Tensor],
-        ref_lv1: Tensor | Sequence[Tensor],
-        ref_lv2: Tensor | Sequence[Tensor],
-        ref_lv3: Tensor | Sequence[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        result = self.search_and_transfer(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3)
+    def forward(self, *inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`search_and_transfer` without the hard attention: ``(S, T_lv3, T_lv2, T_lv1)``."""
+        result = self.search_and_transfer(*inputs)
         return result.soft_attention, result.t_lv3, result.t_lv2, result.t_lv1
 
     def search_only(
-        self, lrsr_lv3: Tensor, refsr_lv3: Tensor | Sequence[Tensor]
+        self,
+        lrsr_lv3: Tensor,
+        refsr_lv3: Tensor | Sequence[Tensor],
+        runtime: Runtime | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The search without the transfer: soft attention ``[B, 1, H, W]`` and hard attention
-        (index) ``[B, H, W]``, for transfer heads that sample the references themselves."""
+        (index) ``[B, H, W]``, for transfer heads that sample the references themselves.
+        ``runtime``: how the fast equivalent runs its CPU work (:mod:`ttsr.runtime`)."""
         batch, _, height, width = lrsr_lv3.shape
-        found = search(lrsr_lv3, refsr_lv3)
-        return (
-            found.relevance.view(batch, 1, height, width),
-            found.index.view(batch, height, width),
-        )
+        runtime = (runtime or PLAIN).on(lrsr_lv3.device)
+        soft_attention, index = self._search(lrsr_lv3, as_reference_list(refsr_lv3), runtime)
+        runtime.finish()
+        return soft_attention.view(batch, 1, height, width), index.view(batch, height, width)
 
     def search_and_transfer(
         self,
@@ -179,15 +184,50 @@ class SearchTransfer(nn.Module):
         ref_lv1: Tensor | Sequence[Tensor],
         ref_lv2: Tensor | Sequence[Tensor],
         ref_lv3: Tensor | Sequence[Tensor],
+        runtime: Runtime | None = None,
     ) -> TransferResult:
-        """Like :meth:`forward`, returning a :class:`TransferResult` with the hard attention."""
+        """The search and the transfer at the three scales, with the hard attention
+        (``runtime`` as for :meth:`search_only`)."""
+        keys = as_reference_list(refsr_lv3)
+        levels = {4: as_reference_list(ref_lv1), 2: as_reference_list(ref_lv2)}
+        levels[1] = as_reference_list(ref_lv3)
         batch, _, height, width = lrsr_lv3.shape
-        found = search(lrsr_lv3, refsr_lv3)
-        size = (height, width)
+        sizes = [(k.size(2), k.size(3)) for k in keys]
+        for scale, references in levels.items():
+            check_level_sizes(references, sizes, scale)
+        runtime = (runtime or PLAIN).on(lrsr_lv3.device)
+        soft_attention, index = self._search(lrsr_lv3, keys, runtime)
+        textures = self._transfer(index, levels, (height, width), runtime)
+        runtime.finish()  # its scratch is dead: given back before the generator runs
         return TransferResult(
-            soft_attention=found.relevance.view(batch, 1, height, width),
-            t_lv3=transfer(ref_lv3, found.index, size, 1, self.divisor),
-            t_lv2=transfer(ref_lv2, found.index, size, 2, self.divisor),
-            t_lv1=transfer(ref_lv1, found.index, size, 4, self.divisor),
-            index=found.index.view(batch, height, width),
+            soft_attention=soft_attention.view(batch, 1, height, width),
+            t_lv3=textures[1],
+            t_lv2=textures[2],
+            t_lv1=textures[4],
+            index=index.view(batch, height, width),
         )
+
+    def _search(
+        self, lrsr_lv3: Tensor, keys: list[Tensor], runtime: Runtime
+    ) -> tuple[Tensor, Tensor]:
+        """Soft attention (the best relevance) ``[B, H*W]`` and hard attention ``[B, H*W]``."""
+        found = search(lrsr_lv3, keys)
+        return found.relevance, found.index
+
+    def _transfer(
+        self, index: Tensor, levels: dict[int, list[Tensor]], lr_size: Size, runtime: Runtime
+    ) -> dict[int, Tensor]:
+        """The textures of each scale (1, 2, 4) of ``levels``."""
+        return {s: transfer(levels[s], index, lr_size, s, self.divisor) for s in levels}
+
+
+def check_level_sizes(
+    references: Sequence[Tensor], reference_sizes: Sequence[tuple[int, int]], scale: int
+) -> None:
+    """Raise ``ValueError`` unless each reference's level is ``scale`` times its relu3_1 size."""
+    for reference, (h, w) in zip(references, reference_sizes, strict=True):
+        if tuple(reference.shape[-2:]) != (h * scale, w * scale):
+            raise ValueError(
+                f"reference features at scale {scale} must be {(h * scale, w * scale)}, "
+                f"got {tuple(reference.shape[-2:])}"
+            )

@@ -14,8 +14,8 @@ from ttsr.model.deformable_transfer import DeformableTransfer
 from ttsr.model.extractor import TextureExtractor
 from ttsr.model.fast_search_transfer import FastSearchTransfer
 from ttsr.model.generator import Generator
-from ttsr.model.patch_correlation import thread_arena
 from ttsr.model.search_transfer import SearchTransfer, TransferResult
+from ttsr.runtime import Runtime
 
 #: Implementations of the search/transfer step; they compute the same result.
 SEARCH_IMPLEMENTATIONS = ("straightforward", "fast")
@@ -169,11 +169,13 @@ class TTSR(nn.Module):
             ref_lv3=[lv[2] for lv in levels],
         )
 
-    def transfer_textures(self, lrsr: Tensor, references: ReferenceFeatures) -> TransferResult:
+    def transfer_textures(
+        self, lrsr: Tensor, references: ReferenceFeatures, runtime: Runtime | None = None
+    ) -> TransferResult:
         """Search the references for every LR-up patch and transfer their textures.
 
         ``lrsr`` ``[B, 3, 4H, 4W]`` in [-1, 1]; ``references`` from
-        :meth:`extract_reference_features`.
+        :meth:`extract_reference_features`; ``runtime`` as for :meth:`forward`.
         """
         lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
         if self.deformable_transfer is None:
@@ -186,11 +188,11 @@ class TTSR(nn.Module):
                 references.ref_lv3,
             )
             with full_precision(lrsr.device):
-                return self.search_transfer.search_and_transfer(*features)
+                return self.search_transfer.search_and_transfer(*features, runtime=runtime)
         # The head samples the references itself: search only, no hard textures.
         with full_precision(lrsr.device):
             soft_attention, index = self.search_transfer.search_only(
-                *at_least_float32(lrsr_lv3, references.refsr_lv3)
+                *at_least_float32(lrsr_lv3, references.refsr_lv3), runtime=runtime
             )
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
             index,
@@ -210,37 +212,16 @@ class TTSR(nn.Module):
         lr: Tensor,
         lrsr: Tensor,
         references: ReferenceFeatures,
-        keep_textures: bool = True,
+        runtime: Runtime | None = None,
+        lean: bool = False,
     ) -> TTSROutput:
         """:meth:`forward` with precomputed reference features (no input checks)."""
-        handed_over = [self.transfer_textures(lrsr, references)]
-        return self._generate(lr, lrsr, handed_over, keep_textures)
+        return self._generate(lr, lrsr, self.transfer_textures(lrsr, references, runtime), lean)
 
     def _generate(
-        self, lr: Tensor, lrsr: Tensor, handed_over: list[TransferResult], keep_textures: bool
+        self, lr: Tensor, lrsr: Tensor, textures: TransferResult, lean: bool
     ) -> TTSROutput:
-        """The generator on the transferred textures, taken out of ``handed_over`` (a one-item
-        list the caller no longer reads, so that this frame holds the only reference)."""
-        textures = handed_over.pop()
-        # The fast search's scratch (its pixel tables) is dead now: give it back before the
-        # generator's activations, where the peak is.
-        thread_arena().release()
-        lean = not torch.is_grad_enabled() and self.generator.lean_inference
-        if not keep_textures and lean:
-            # Inference without the texture maps in the output: the generator frees each map
-            # once fused (t_lv1 is as large as an x4 feature map).
-            attention, index = textures.soft_attention, textures.index
-            maps: dict[str, Tensor | None] = {
-                "t_lv3": textures.t_lv3,
-                "t_lv2": textures.t_lv2,
-                "t_lv1": textures.t_lv1,
-            }
-            del textures
-            sr = self.generator.forward_consuming(lr, attention, maps, lrsr)
-            return TTSROutput(sr=sr, soft_attention=attention, index=index)
-        sr = self.generator(
-            lr, textures.soft_attention, textures.t_lv3, textures.t_lv2, textures.t_lv1, lrsr
-        )
+        sr = self.generator(lr, textures, lrsr, lean=lean)  # lean: takes the maps out
         return TTSROutput(
             sr=sr,
             soft_attention=textures.soft_attention,
@@ -256,24 +237,29 @@ class TTSR(nn.Module):
         lrsr: Tensor,
         ref: Tensor | Sequence[Tensor],
         refsr: Tensor | Sequence[Tensor],
-        keep_textures: bool = True,
+        runtime: Runtime | None = None,
+        lean: bool = False,
     ) -> TTSROutput:
         """Super-resolve ``lr`` ``[B, 3, H, W]`` (in [-1, 1]) with one or several references.
 
         ``lrsr`` is ``lr`` bicubic-upsampled x4; ``ref`` the reference(s) and ``refsr`` each
         reference bicubic-downsampled x4 and upsampled back. References of any size at least 4x4
         are accepted; sides that are not multiples of 4 are cropped at the bottom/right.
-        ``keep_textures=False`` (honoured under ``torch.no_grad()``) leaves ``t_lv*`` out of the
-        output so that each texture map is freed once the generator has fused it.
+
+        ``runtime`` (:mod:`ttsr.runtime`) runs the fast search's CPU work, owned by the caller;
+        without one, plain PyTorch (the same result). ``lean`` (inference, under
+        ``torch.no_grad()``): the generator's lean forward, which frees each texture map once
+        fused, so ``t_lv*`` are left out of the output.
         """
         refs = [ref] if isinstance(ref, Tensor) else list(ref)
         refsrs = [refsr] if isinstance(refsr, Tensor) else list(refsr)
         check_inputs(lr, lrsr, refs, refsrs)
         if not self.config.use_texture:
-            return TTSROutput(sr=self.generator(lr, lrsr=lrsr))
+            return TTSROutput(sr=self.generator(lr, lrsr=lrsr, lean=lean))
         refs = [crop_to_multiple_of_4(r) for r in refs]
         refsrs = [crop_to_multiple_of_4(r) for r in refsrs]
+        # The reference features die before the generator runs, where the peak is.
         references = self.extract_reference_features(refs, refsrs)
-        handed_over = [self.transfer_textures(lrsr, references)]
-        del references  # the generator does not need them: free them before its activations
-        return self._generate(lr, lrsr, handed_over, keep_textures)
+        textures = self.transfer_textures(lrsr, references, runtime)
+        del references
+        return self._generate(lr, lrsr, textures, lean)

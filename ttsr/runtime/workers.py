@@ -13,27 +13,18 @@ threads start with), so the caller's count is restored when the workers are done
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from functools import cache
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
 Item = TypeVar("Item")
 State = TypeVar("State")
-Result = TypeVar("Result")
 
 _DONE = object()
-
-
-def worker_count(device: torch.device) -> int:
-    """Workers for CPU tensors: one per intra-op thread; work on other devices runs inline."""
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
 class _Pool:
@@ -114,13 +105,14 @@ def run_items(
 
     Every worker calls ``make_state()`` once, then ``process(item, state)`` for each item it takes
     (items are handed out in order); returns the workers' states. With one worker, runs inline on
-    the calling thread, as it is configured.
+    the calling thread with one intra-op thread.
     """
     work = iter(items)
     if workers <= 1:
-        state = make_state()
-        for item in work:
-            process(item, state)
+        with one_intra_op_thread():
+            state = make_state()
+            for item in work:
+                process(item, state)
         return [state]
     lock = threading.Lock()
     states: list[State] = []
@@ -152,70 +144,3 @@ def one_intra_op_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def single_threaded(function: Callable[[], Result], device: torch.device) -> Result:
-    """``function()`` with one intra-op thread for CPU work (on the calling thread), else as is.
-
-    For loops of many small operations; their memory comes from the caller's arena.
-    """
-    if device.type != "cpu":
-        return function()
-    with one_intra_op_thread():
-        return function()
-
-
-#: glibc ``mallopt`` parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-#: Free memory glibc may keep at the top of its heap before giving it back.
-KEPT_FREE_BYTES = 256 * 2**20
-
-
-def keep_freed_memory() -> bool:
-    """Opt-in, process-wide: glibc serves every allocation from one shared heap and reuses it.
-
-    By default glibc maps each large block (a tensor of a few MB or more) freshly from the OS and
-    unmaps it when freed, so every new large tensor pays a page fault per 4 KB page; in a VM
-    that is a good part of a convolution's time (measured here: the generator at CUFED5 size
-    13-15% faster). With this, freed memory is reused: large blocks come from the heap, all
-    threads share one arena (so what one thread frees another reuses), and up to
-    :data:`KEPT_FREE_BYTES` of free memory stay at the top of the heap. Call it before starting
-    threads. Results are unchanged. Returns whether it took effect (False without glibc).
-    """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
-    global _keeping_freed_memory
-    _keeping_freed_memory = all(bool(mallopt(parameter, value)) for parameter, value in settings)
-    return _keeping_freed_memory
-
-
-_keeping_freed_memory = False
-
-
-def release_free_memory() -> None:
-    """Give the free memory of every thread's arena back to the OS (glibc ``malloc_trim``).
-
-    Worker threads keep what they freed in their own arenas, where the main thread cannot reuse
-    it; after a parallel phase this returns it. Nothing is done after :func:`keep_freed_memory`.
-    """
-    if _keeping_freed_memory:
-        return
-    libc = _libc()
-    if libc is not None:
-        with suppress(AttributeError):
-            libc.malloc_trim(0)
-
-
-@cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library, looked up once (``find_library`` runs a subprocess)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
