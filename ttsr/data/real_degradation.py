@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ttsr.data.degradation import SCALE, bicubic_resize
+from ttsr.data.option_checks import check_jpeg_quality_range, check_probabilities, check_ranges
 
 #: Downscaling kernels of :func:`resize` (PIL filters; ``area`` is PIL's box filter).
 RESIZE_KERNELS = {
@@ -199,31 +200,30 @@ class DegradationOptions:
     clean_probability: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in (
-            "blur_probability",
-            "anisotropic_probability",
-            "noise_probability",
-            "poisson_probability",
-            "grey_noise_probability",
-            "jpeg_probability",
-            "shuffle_probability",
-            "second_stage_probability",
-            "clean_probability",
-        ):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in (
-            "blur_sigma_range",
-            "gaussian_sigma_range",
-            "poisson_scale_range",
-            "intermediate_scale_range",
-        ):
-            low, high = getattr(self, name)
-            if not 0 <= low <= high:
-                raise ValueError(f"{name} must be 0 <= low <= high, got {(low, high)}")
-        low, high = self.jpeg_quality_range
-        if not 1 <= low <= high <= 100:
-            raise ValueError(f"jpeg_quality_range must be within 1..100, got {(low, high)}")
+        check_probabilities(
+            self,
+            (
+                "blur_probability",
+                "anisotropic_probability",
+                "noise_probability",
+                "poisson_probability",
+                "grey_noise_probability",
+                "jpeg_probability",
+                "shuffle_probability",
+                "second_stage_probability",
+                "clean_probability",
+            ),
+        )
+        check_ranges(
+            self,
+            (
+                "blur_sigma_range",
+                "gaussian_sigma_range",
+                "poisson_scale_range",
+                "intermediate_scale_range",
+            ),
+        )
+        check_jpeg_quality_range(self.jpeg_quality_range)
         if self.intermediate_scale_range[0] < 1:
             raise ValueError("intermediate_scale_range must be >= 1 (a size between HR and LR)")
         if not self.resize_kernels or any(k not in RESIZE_KERNELS for k in self.resize_kernels):

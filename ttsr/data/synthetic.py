@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from ttsr.data.degradation import bicubic_resize
+from ttsr.data.option_checks import check_jpeg_quality_range, check_probabilities, check_ranges
 from ttsr.data.real_degradation import gaussian_blur, jpeg
 
 #: Attempts at placing the reference footprint within ``overlap_range`` before taking the best.
@@ -71,35 +72,28 @@ class SyntheticOptions:
     harder_probability: float = 1.0
 
     def __post_init__(self) -> None:
-        low, high = self.scale_range
-        if not 0 < low <= high:
-            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
+        check_ranges(self, ("scale_range", "gamma_range", "blur_sigma_range"), positive=True)
         low, high = self.overlap_range
         if not 0 < low <= high < 1:
             raise ValueError(f"overlap_range must be 0 < low <= high < 1, got {self.overlap_range}")
-        for name in (
-            "aligned_probability",
-            "flip_probability",
-            "blur_probability",
-            "occlusion_probability",
-            "jpeg_probability",
-            "occlusion_max_area",
-            "harder_probability",
-        ):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        check_probabilities(
+            self,
+            (
+                "aligned_probability",
+                "flip_probability",
+                "blur_probability",
+                "occlusion_probability",
+                "jpeg_probability",
+                "occlusion_max_area",
+                "harder_probability",
+            ),
+        )
         for name in ("color_jitter", "white_balance", "perspective"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.exposure < 0:
             raise ValueError(f"exposure must be >= 0 stops, got {self.exposure}")
-        for name in ("gamma_range", "blur_sigma_range"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ValueError(f"{name} must be 0 < low <= high, got {(low, high)}")
-        low, high = self.jpeg_quality_range
-        if not 1 <= low <= high <= 100:
-            raise ValueError(f"jpeg_quality_range must be within 1..100, got {(low, high)}")
+        check_jpeg_quality_range(self.jpeg_quality_range)
 
 
 @dataclass(frozen=True)
