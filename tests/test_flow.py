@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttsr.model.flow import flow_from_index, upsample_flow, warp
+from ttsr.model.flow import decode_index, flow_from_index, upsample_flow, warp
 from ttsr.model.search_transfer import transfer
 
 
@@ -37,9 +37,22 @@ def test_several_references_give_flows_in_their_own_grids_and_ids():
     assert not one_id.any()
 
 
+def test_decode_index_matches_a_brute_force_decode(generator):
+    grids = [(3, 5), (1, 1), (4, 2), (2, 7)]
+    brute = [(i, y, x) for i, (h, w) in enumerate(grids) for y in range(h) for x in range(w)]
+    index = torch.randint(0, len(brute), (2, 6, 9), generator=generator)
+    reference_id, row, column = decode_index(index, grids)
+    decoded = torch.stack((reference_id, row, column), -1).view(-1, 3).tolist()
+    assert decoded == [list(brute[i]) for i in index.view(-1).tolist()]
+    every = torch.stack(decode_index(torch.arange(len(brute)), grids), 1)
+    assert every.tolist() == [list(b) for b in brute]
+
+
 def test_index_out_of_range_raises():
     with pytest.raises(ValueError, match="out of range"):
         flow_from_index(torch.tensor([[[12]]]), (3, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        decode_index(torch.tensor([-1]), [(3, 4)])
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ttsr.model.flow import ReferenceGrids
 from ttsr.model.patch_correlation import (
     DEFAULT_STEP_ELEMENTS,
     NORM_EPS,
@@ -263,25 +264,16 @@ def plan_neighbours(
     query, and whether that block lies inside the LR grid and the reference."""
     batch = index.size(0)
     height, width = lr_size
-    device = index.device
-    starts = [0]
-    for h, w in reference_sizes:
-        starts.append(starts[-1] + h * w)
-    position_starts = torch.tensor(starts[:-1], device=device)
-    widths = torch.tensor([w for _, w in reference_sizes], device=device)
-    heights = torch.tensor([h for h, _ in reference_sizes], device=device)
+    grids = ReferenceGrids(reference_sizes, index.device)
     grid = F.pad(index.view(batch, 1, height, width), (1, 1, 1, 1), value=-1)[:, 0]
     neighbours = []
     for da, db in ((da, db) for da in (-1, 0, 1) for db in (-1, 0, 1)):
         neighbour = grid[:, 1 + da : 1 + da + height, 1 + db : 1 + db + width]
         inside_lr = neighbour >= 0
-        position = neighbour.clamp_min(0)
-        which = torch.searchsorted(position_starts, position, right=True) - 1
-        local = position - position_starts[which]
-        ref_width = widths[which]
-        c = torch.div(local, ref_width, rounding_mode="floor") - da
-        d = local - (c + da) * ref_width - db
-        inside = inside_lr & (c >= 0) & (c < heights[which]) & (d >= 0) & (d < ref_width)
+        which, row, column = grids.decode(neighbour.clamp_min(0))
+        c, d = row - da, column - db
+        inside = inside_lr & (c >= 0) & (c < grids.heights[which])
+        inside &= (d >= 0) & (d < grids.widths[which])
         neighbours.append((which, c, d, inside))
     return neighbours
 

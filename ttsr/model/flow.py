@@ -5,6 +5,8 @@ Conventions, used everywhere in ttsr:
 - A flow is ``[B, 2, H, W]`` on the **query grid**: channel 0 is ``dx`` (along the width),
   channel 1 is ``dy`` (along the height), in **pixels of the grid it is given at**. The query pixel
   ``(y, x)`` corresponds to the reference pixel ``(y + dy, x + dx)``.
+- :func:`decode_index` turns the search's flat index (row-major over the references' relu3_1
+  grids, concatenated in order) into ``(reference_id, row, column)``; every decoder uses it.
 - :func:`flow_from_index` gives it at the relu3_1 grid, from the hard attention: the query grid is
   the relu3_1 grid of the upsampled LR image and the reference pixel is on the relu3_1 grid of the
   reference that holds the match (``flow[b, :, y, x] = (ref_x - x, ref_y - y)``).
@@ -41,6 +43,40 @@ def _reference_sizes(ref_size: Size | Sequence[Size]) -> tuple[list[Size], bool]
     return sizes, True
 
 
+class ReferenceGrids:
+    """The relu3_1 grids ``(Hr_i, Wr_i)`` of references searched together, as tensors on
+    ``device``, to decode flat positions (built once where positions are decoded often)."""
+
+    def __init__(self, sizes: Sequence[Size], device: torch.device | str | None = None) -> None:
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        starts = [0]
+        for height, width in self.sizes:
+            starts.append(starts[-1] + height * width)
+        #: Positions in all the grids together.
+        self.total = starts[-1]
+        self.starts = torch.tensor(starts[:-1], device=device)
+        self.heights = torch.tensor([h for h, _ in self.sizes], device=device)
+        self.widths = torch.tensor([w for _, w in self.sizes], device=device)
+
+    def decode(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(reference_id, row, column)`` of in-range flat positions ``index`` (any shape)."""
+        reference_id = torch.searchsorted(self.starts, index, right=True) - 1
+        local = index - self.starts[reference_id]
+        width = self.widths[reference_id]
+        row = torch.div(local, width, rounding_mode="floor")
+        return reference_id, row, local - row * width
+
+
+def decode_index(index: Tensor, grids: Sequence[Size]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(reference_id, row, column)`` of the search's flat ``index`` (int64, any shape):
+    row-major over the relu3_1 ``grids`` ``[(Hr_i, Wr_i), ...]``, concatenated in order.
+    ``ValueError`` for a position outside them."""
+    decoder = ReferenceGrids(grids, index.device)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= decoder.total):
+        raise ValueError(f"index out of range for reference sizes {decoder.sizes}")
+    return decoder.decode(index)
+
+
 @overload
 def flow_from_index(index: Tensor, ref_size: Size, dtype: torch.dtype = ...) -> Tensor: ...
 
@@ -71,14 +107,7 @@ def flow_from_index(
     if index.dim() != 3:
         raise ValueError(f"index must be [B, H, W], got {tuple(index.shape)}")
     sizes, several = _reference_sizes(ref_size)
-    counts = torch.tensor([h * w for h, w in sizes], device=index.device)
-    ends = torch.cumsum(counts, 0)
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= int(ends[-1])):
-        raise ValueError(f"index out of range for reference sizes {sizes}")
-    reference_id = torch.searchsorted(ends, index, right=True)
-    local = index - (ends - counts)[reference_id]
-    widths = torch.tensor([w for _, w in sizes], device=index.device)[reference_id]
-    ref_y, ref_x = local // widths, local % widths
+    reference_id, ref_y, ref_x = decode_index(index, sizes)
     _, height, width = index.shape
     grid_y = torch.arange(height, device=index.device).view(1, height, 1)
     grid_x = torch.arange(width, device=index.device).view(1, 1, width)
