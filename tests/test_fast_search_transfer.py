@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ttsr.model.patch_correlation as patch_correlation
+import ttsr.model.screening as screening_module
 from ttsr import TTSR, TTSRConfig
 from ttsr.model.fast_search_transfer import (
     BestPatchRelevance,
@@ -28,9 +29,9 @@ from ttsr.model.patch_correlation import (
     padded_pixel_table,
     patch_norms,
     relevance_steps,
-    screening_error_bound,
     search_best_positions,
 )
+from ttsr.model.screening import screening_error_bound
 from ttsr.model.search_transfer import SearchTransfer, search, transfer
 from ttsr.runtime import PLAIN, CPURuntime, ScratchArena, StepBuffers
 
@@ -137,16 +138,16 @@ def test_zero_query_patches_take_the_first_position(generator):
 def test_crowded_rows_are_searched_again_exactly(generator, monkeypatch):
     # Every row with two candidate pairs in all counts as crowded; a tiny store limit also
     # makes the workers prune and give up rows on the way.
-    monkeypatch.setattr(patch_correlation, "EXACT_ENTRIES_PER_CANDIDATE", 10**9)
-    monkeypatch.setattr(patch_correlation, "CANDIDATE_STORE_LIMIT", 8)
+    monkeypatch.setattr(screening_module, "EXACT_ENTRIES_PER_CANDIDATE", 10**9)
+    monkeypatch.setattr(screening_module, "CANDIDATE_STORE_LIMIT", 8)
     searched_again = []
-    original = patch_correlation._Search._search_again
+    original = screening_module.search_again
 
-    def spy(self, rows, index):
+    def spy(search, rows, index):
         searched_again.append(rows.clone())
-        original(self, rows, index)
+        original(search, rows, index)
 
-    monkeypatch.setattr(patch_correlation._Search, "_search_again", spy)
+    monkeypatch.setattr(screening_module, "search_again", spy)
     query, keys, *_ = features(generator, 2, 32, (6, 7), [(6, 6)])
     expected = search(query, keys).index
     assert torch.equal(search_best_positions(query, keys, "bfloat16", 1, 2), expected)

@@ -12,13 +12,8 @@ small ring, since each serves three output rows. Memory is ``O(rows x chunk)``, 
 ``O(N x M)``. Chunks are work items for the caller's runtime (:mod:`ttsr.runtime`: worker
 threads, or the calling thread).
 
-Screening (float32 input on a CPU with fast bfloat16 matmul): the per-pixel products are computed
-in bfloat16 (float32 accumulation, bfloat16 result), and :func:`screening_error_bound` bounds the
-error of the screened relevance of every query. Every reference patch whose screened relevance is
-within twice that bound of the best screened one is a candidate: the exact best is always among
-them. Queries with several candidates have them rescored exactly in float32 (most have one);
-queries with very many (flat, near-identical regions) are searched again exactly, in float32. So
-the result never depends on the screening.
+Float32 input on a CPU with fast bfloat16 matmul is screened in bfloat16 first, then rescored
+exactly (:mod:`ttsr.model.screening`): the result never depends on the screening.
 
 Positions: a query ``n = y * W + x``; a reference position ``m`` is row-major over the relu3_1
 grid of each reference, references concatenated in order (as in ``search_transfer.search``).
@@ -28,68 +23,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ttsr.model.flow import ReferenceGrids
+from ttsr.model.screening import Screening, resolve_screening, screened_search
 from ttsr.runtime import PLAIN, Runtime, StepBuffers
 
 #: ``F.normalize``'s epsilon: patch norms below it are clamped, as in the straightforward search.
 NORM_EPS = 1e-12
-#: Unit roundoff of bfloat16 (8 significant bits, round to nearest).
-BFLOAT16_UNIT_ROUNDOFF = 2.0**-8
-#: Unit roundoff of float32.
-FLOAT32_UNIT_ROUNDOFF = 2.0**-24
-#: Extra margin on the screening bound, for float32 rounding of norms, sums and comparisons.
-SCREENING_SLACK = 1e-4
 #: Relevance entries per step (batch x LR rows x W x reference rows x Wr): with the ring and the
 #: products, about 20 MB per worker. Fewer make more, smaller steps (Python overhead, more halo
 #: rows); more help little.
 DEFAULT_STEP_ELEMENTS = 1 << 20
 #: Fewest reference rows per chunk: each chunk recomputes 2 halo rows.
 MIN_KEY_ROWS = 8
-#: Rescoring a candidate (two gathers of 9 pixels) costs about as much as this many relevance
-#: entries of an exact float32 search. An LR row whose queries with several candidates have more
-#: than ``W * M / EXACT_ENTRIES_PER_CANDIDATE`` in all is searched again exactly instead
-#: (flat, near-identical regions; or random features, where every cosine is alike).
-EXACT_ENTRIES_PER_CANDIDATE = 400
 #: Work items per worker thread, so that the workers finish at about the same time.
 ITEMS_PER_WORKER = 2
 #: Fewest LR rows per work item (each item recomputes 2 halo rows).
 MIN_ROWS_PER_ITEM = 8
-#: Stored candidates per worker beyond which they are pruned to the current thresholds.
-CANDIDATE_STORE_LIMIT = 1 << 22
 #: Patch pairs scored at a time by :func:`pair_dot` (bounds its ``[pairs, C]`` buffers).
 PAIR_CHUNK = 1 << 8
 
-Screening = Literal["auto", "bfloat16", "off"]
-
 #: The 9 offsets of a 3x3 patch, row-major, as (dy, dx) in {0, 1, 2} on the zero-padded grid.
 PATCH_OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in range(3) for dx in range(3))
-
-
-def bfloat16_screening_available(device: torch.device) -> bool:
-    """Whether bfloat16 matmul is fast here and accumulates in float32 (CPU with AVX512-BF16/AMX).
-
-    On CUDA, cuBLAS may reduce bfloat16 products in reduced precision, which would break the
-    screening bound, so screening is CPU-only.
-    """
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_screening(screening: Screening, query: Tensor) -> bool:
-    """Whether to screen in bfloat16: ``"auto"`` does for float32 where it is fast and exact."""
-    if screening not in ("auto", "bfloat16", "off"):
-        raise ValueError(f"screening must be 'auto', 'bfloat16' or 'off', not {screening!r}")
-    if screening == "off" or query.dtype != torch.float32:
-        return False
-    return screening == "bfloat16" or bfloat16_screening_available(query.device)
 
 
 def padded_pixel_table(features: Tensor, runtime: Runtime = PLAIN) -> Tensor:
@@ -201,9 +160,8 @@ class PatchTables:
             starts.append(starts[-1] + h * w)
             offsets.append(offsets[-1] + table.size(1))
         self.position_offsets = starts[:-1]
-        self.position_starts = torch.tensor(starts[:-1], device=device)
+        self.key_grids = ReferenceGrids(key_sizes, device)
         self.table_offsets = torch.tensor(offsets[:-1], device=device)
-        self.key_widths = torch.tensor([w for _, w in key_sizes], device=device)
         self._flat_keys: Tensor | None = None
         del channels
 
@@ -241,11 +199,8 @@ class PatchTables:
 
     def key_top_left(self, batch_index: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Flat table row of reference patches' top-left pixels, and their padded row length."""
-        which = torch.searchsorted(self.position_starts, positions, right=True) - 1
-        local = positions - self.position_starts[which]
-        width = self.key_widths[which]
-        rows = torch.div(local, width, rounding_mode="floor")
-        columns = local - rows * width
+        which, rows, columns = self.key_grids.decode(positions)
+        width = self.key_grids.widths[which]
         base = batch_index * self.key_pixels + self.table_offsets[which]
         return base + rows * (width + 2) + columns, width + 2
 
@@ -442,7 +397,7 @@ class _Block:
 
 
 @dataclass(frozen=True)
-class _Item:
+class WorkItem:
     """A unit of search work: some reference rows of one reference, for some batch elements."""
 
     reference: int
@@ -468,47 +423,7 @@ class _ExactState:
         self.position = torch.where(better, other.position, self.position)
 
 
-class _ScreenedState:
-    """A worker's running best screened value per query ``[B, N]``, and candidates near it.
-
-    ``crowded_rows`` ``[B * H]``: LR rows given up for rescoring (searched again exactly).
-    """
-
-    def __init__(self, like: Tensor, width: int, row_limit: int, buffers: StepBuffers) -> None:
-        self.best = torch.full(like.shape, float("-inf"), device=like.device)
-        self.width, self.row_limit = width, row_limit
-        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.size = 0
-        self.crowded_rows = torch.zeros(like.numel() // width, dtype=torch.bool, device=like.device)
-        self.buffers = buffers
-
-    def add(self, ids: Tensor, positions: Tensor, values: Tensor) -> None:
-        self.parts.append((ids, positions, values))
-        self.size += ids.numel()
-
-    def candidates(self, threshold: Tensor) -> tuple[Tensor, Tensor]:
-        """Stored (id, position) whose value reaches ``threshold[id]``, outside crowded rows."""
-        if not self.parts:
-            empty = threshold.new_empty(0, dtype=torch.long)
-            return empty, empty
-        ids, positions, values = (torch.cat(column) for column in zip(*self.parts, strict=True))
-        keep = (values >= threshold.view(-1)[ids]) & ~self.crowded_rows[ids // self.width]
-        self.parts = [(ids[keep], positions[keep], values[keep])]
-        self.size = self.parts[0][0].numel()
-        return self.parts[0][0], self.parts[0][1]
-
-    def prune(self, margin: Tensor) -> None:
-        """Over the store limit, drop candidates below the current thresholds, and give up the
-        rows that still have too many."""
-        if self.size <= CANDIDATE_STORE_LIMIT:
-            return
-        ids, _ = self.candidates(self.best - margin)
-        per_row = torch.bincount(ids // self.width, minlength=self.crowded_rows.numel())
-        self.crowded_rows |= per_row > self.row_limit
-        self.candidates(self.best - margin)
-
-
-class _Search:
+class TiledSearch:
     """Best reference position of every query patch of a batch (:func:`search_with_tables`)."""
 
     def __init__(
@@ -531,7 +446,7 @@ class _Search:
         self.inverse_key_norms = [n.clamp_min(NORM_EPS).reciprocal() for n in self.tables.key_norms]
         self.matmul_tables: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
 
-    def items(self, row_range: tuple[int, int]) -> list[_Item]:
+    def items(self, row_range: tuple[int, int]) -> list[WorkItem]:
         """Chunks of reference rows, split further by batch elements, then by LR rows, until
         there are :data:`ITEMS_PER_WORKER` items per worker (so that the workers end together;
         each LR split recomputes 2 halo rows)."""
@@ -548,7 +463,7 @@ class _Search:
         batch_bounds = [round(g * self.batch / groups) for g in range(groups + 1)]
         row_bounds = [first + round(p * (stop - first) / parts) for p in range(parts + 1)]
         return [
-            _Item(
+            WorkItem(
                 i, rows, (batch_bounds[g], batch_bounds[g + 1]), (row_bounds[p], row_bounds[p + 1])
             )
             for i, rows in chunks
@@ -572,7 +487,7 @@ class _Search:
             [s.to(scale_dtype) for s in self.inverse_key_norms],
         )
 
-    def blocks(self, item: _Item, buffers: StepBuffers) -> Iterator[_Block]:
+    def blocks(self, item: WorkItem, buffers: StepBuffers) -> Iterator[_Block]:
         """The relevance blocks of a work item, step by step (after :meth:`prepare`)."""
         assert self.matmul_tables is not None
         query_table, key_tables, scales = self.matmul_tables
@@ -601,7 +516,7 @@ class _Search:
         queries of LR rows ``row_range`` (default all) are searched; the others are 0."""
         self.prepare(self.tables.query_table.dtype)
 
-        def process(item: _Item, state: _ExactState) -> None:
+        def process(item: WorkItem, state: _ExactState) -> None:
             for block in self.blocks(item, state.buffers):
                 best = block.span(state.best)
                 better = (block.best > best).nonzero(as_tuple=True)
@@ -619,142 +534,6 @@ class _Search:
         position = states[0].position.view(-1)
         del states
         return position
-
-    def prepare_screening(self) -> Tensor:
-        """bfloat16 tables, and the candidate margin ``[B, N]``: twice the screening bound."""
-        self.prepare(torch.bfloat16)
-        assert self.matmul_tables is not None
-        margin = 2.0 * screening_error_bound(self.tables, *self.matmul_tables[:2])
-        # A zero query patch has relevance 0 everywhere and no candidate: the first position
-        # wins, as in the straightforward search.
-        return margin.masked_fill(self.tables.query_norm == 0, float("-inf"))
-
-    def screened(self, margin: Tensor) -> Tensor:
-        """Best positions ``[B * N]`` by bfloat16 screening and exact float32 rescoring
-        (after :meth:`prepare_screening`, which gives ``margin``)."""
-
-        total_positions = sum(h * w for h, w in self.key_sizes)
-        row_limit = max(1, self.width * total_positions // EXACT_ENTRIES_PER_CANDIDATE)
-
-        def process(item: _Item, state: _ScreenedState) -> None:
-            for block in self.blocks(item, state.buffers):
-                best = block.span(state.best)
-                torch.maximum(best, block.best, out=best)
-                state.add(*block.at_least(best - block.span(margin), state.buffers))
-            state.prune(margin)
-
-        states = self.runtime.map(
-            self.items((0, self.height)),
-            process,
-            lambda: _ScreenedState(
-                self.tables.query_norm, self.width, row_limit, self.runtime.step_buffers()
-            ),
-        )
-        threshold = torch.stack([s.best for s in states]).amax(0) - margin
-        crowded_rows = torch.stack([s.crowded_rows for s in states]).any(0)
-        for state in states:
-            state.crowded_rows = crowded_rows
-            state.buffers = StepBuffers()
-        found = [s.candidates(threshold) for s in states]
-        ids, positions = (torch.cat(column) for column in zip(*found, strict=True))
-        counts = torch.bincount(ids, minlength=self.queries)[ids]
-        index = torch.zeros(self.queries, dtype=torch.long, device=self.device)
-        index[ids[counts == 1]] = positions[counts == 1]
-        several = counts > 1
-        rescored = torch.bincount(ids[several] // self.width, minlength=crowded_rows.numel())
-        crowded_rows |= rescored > row_limit
-        several &= ~crowded_rows[ids // self.width]
-        if bool(several.any()):
-            index = self._rescore(ids[several], positions[several], index)
-        if bool(crowded_rows.any()):
-            self._search_again(crowded_rows.view(self.batch, self.height).any(0), index)
-        return index
-
-    def _rescore(self, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
-        """Exact best among each query's candidates; ties go to the smallest position."""
-        count = self.height * self.width
-        batch_index = torch.div(ids, count, rounding_mode="floor")
-        # Sorted by reference position, the reference rows are gathered nearly in order.
-        order = torch.argsort(positions + batch_index * self.tables.key_norm.size(1))
-        ids, positions, batch_index = ids[order], positions[order], batch_index[order]
-        values = self.tables.relevance_on_workers(
-            batch_index, ids - batch_index * count, positions, self.runtime
-        )
-        best = torch.full(index.shape, float("-inf"), dtype=values.dtype, device=values.device)
-        best.scatter_reduce_(0, ids, values, "amax")
-        is_best = values == best[ids]
-        chosen = torch.full_like(index, torch.iinfo(torch.long).max)
-        chosen.scatter_reduce_(0, ids[is_best], positions[is_best], "amin")
-        return torch.where(chosen == torch.iinfo(torch.long).max, index, chosen)
-
-    def _search_again(self, rows: Tensor, index: Tensor) -> None:
-        """Exact search of LR rows ``rows`` ``[H]`` (bool), for every batch element."""
-        runs: list[list[int]] = []
-        for row in rows.nonzero().squeeze(1).tolist():
-            if runs and row - runs[-1][1] <= 2:  # close runs are searched as one
-                runs[-1][1] = row + 1
-            else:
-                runs.append([row, row + 1])
-        found = index.view(self.batch, self.height * self.width)
-        for start, stop in runs:
-            exact = self.exact((start, stop)).view(self.batch, -1)
-            span = slice(start * self.width, stop * self.width)
-            found[:, span] = exact[:, span]
-
-
-def _rounding_ratio(table: Tensor, rounded: Tensor, norm: Tensor, size: tuple[int, int]) -> Tensor:
-    """``|x - x16| / |x|`` per 3x3 patch of a padded table and its bfloat16 rounding: ``[B, N]``."""
-    squared = torch.empty(table.shape[:2], dtype=table.dtype, device=table.device)
-    step = 1 << 12  # a slice at a time: no full-size temporary
-    buffers = StepBuffers()
-    for start in range(0, table.size(1), step):
-        rows = slice(start, start + step)
-        part = table[:, rows]
-        residual = buffers.get("residual", part.shape, part, part.dtype)
-        torch.sub(part, rounded[:, rows], out=residual)
-        torch.linalg.vector_norm(residual, dim=-1, out=squared[:, rows]).square_()
-    squared = squared.view(-1, size[0] + 2, size[1] + 2)
-    rows_sum = squared[:, :-2] + squared[:, 1:-1] + squared[:, 2:]
-    residual_norm = (rows_sum[..., :-2] + rows_sum[..., 1:-1] + rows_sum[..., 2:]).sqrt()
-    return torch.where(norm > 0, residual_norm / norm, 0.0).reshape(table.size(0), -1)
-
-
-def screening_error_bound(
-    tables: PatchTables, rounded_query: Tensor, rounded_keys: Sequence[Tensor]
-) -> Tensor:
-    """Bound on |screened - exact| relevance, times the query patch norm: ``[B, N]``.
-
-    With ``x = x16 + x_lo`` the bfloat16 rounding of the pixels, per patch
-    ``|<q, k> - <q16, k16>| <= (rho_q + rho_k + 3 rho_q rho_k) |q| |k|`` with ``rho = |x_lo| / |x|``
-    (Cauchy-Schwarz on the 9C-vectors); rounding each per-pixel product sum (accumulated in
-    float32) to bfloat16 adds at most ``(u + gamma_C) (1 + rho_q) (1 + rho_k) |q| |k|``. Screened
-    values are divided by ``max(|k|, eps) >= |k|``, so the bound is ``|q|`` times that factor,
-    with ``rho_k`` the largest over the batch element's reference patches.
-
-    Args:
-        tables: the float32 pixel tables; rounded_query, rounded_keys: their bfloat16 roundings.
-    """
-    channels = tables.query_table.size(2)
-    query_size = (tables.height, tables.width)
-    query_norm = tables.query_norm.view(-1, *query_size)
-    rho_query = _rounding_ratio(tables.query_table, rounded_query, query_norm, query_size)
-    rho_key = torch.stack(
-        [
-            _rounding_ratio(table, rounded, norm, size).amax(1)
-            for table, rounded, norm, size in zip(
-                tables.key_tables, rounded_keys, tables.key_norms, tables.key_sizes, strict=True
-            )
-        ]
-    ).amax(0)[:, None]
-    rounding = BFLOAT16_UNIT_ROUNDOFF + (channels + 16) * FLOAT32_UNIT_ROUNDOFF
-    factor = (
-        rho_query
-        + rho_key
-        + 3 * rho_query * rho_key
-        + rounding * (1 + rho_query) * (1 + rho_key)
-        + SCREENING_SLACK
-    )
-    return tables.query_norm * factor
 
 
 def step_sizes(
@@ -808,13 +587,13 @@ def search_with_tables(
 
     def run() -> tuple[Tensor, PatchTables]:
         runtime.next_phase()
-        search = _Search(
+        search = TiledSearch(
             PatchTables.of(query_lv3.detach(), keys, runtime),
             rows_per_step or rows,
             key_rows_per_chunk or key_rows,
             runtime,
         )
-        found = search.screened(search.prepare_screening()) if screen else search.exact()
+        found = screened_search(search) if screen else search.exact()
         return found.view(batch, height * width), search.tables
 
     # Tables, norms and bounds are many small operations too: the whole search is one serial
