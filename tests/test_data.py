@@ -24,6 +24,7 @@ from ttsr.data.synthetic import (
     synthesize_pair,
     warp_reference,
 )
+from ttsr.imaging import ImageError, image_size, list_images
 
 KEYS = {"lr", "lrsr", "hr", "ref", "refsr"}
 
@@ -211,8 +212,24 @@ def test_bad_image_is_reported_with_its_path(tmp_path, kind):
 
 
 def test_missing_folder_is_reported(tmp_path):
-    with pytest.raises(ValueError, match="no such directory"):
+    with pytest.raises(ValueError, match="not a folder"):
         ValidationDataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        ValidationDataset(tmp_path / "empty")
+
+
+def test_image_size_is_height_then_width_and_can_verify(tmp_path):
+    path = write_image(tmp_path / "tall.png", 40, 24)
+    assert image_size(path) == image_size(path, verify=True) == (40, 24)
+    assert image_size(np.zeros((5, 7, 3), np.uint8)) == (5, 7)
+    assert list_images(tmp_path) == [path]
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert image_size(truncated) == (40, 24)  # the header alone is fine
+    with pytest.raises(ImageError, match="truncated.png: unreadable"):
+        image_size(truncated, verify=True)
 
 
 # --- collate and datamodule ---------------------------------------------------------------------

@@ -119,9 +119,7 @@ def folder_items(
     folder: Path, ref_mode: Literal["lr", "hr", "dir"], ref_dir: Path | None = None
 ) -> list[EvalItem]:
     """Items of an HR folder with the LR or HR as reference, or references from ``ref_dir``."""
-    images = list_images(folder)
-    if not images:
-        raise InputError(f"{folder} holds no images (.png, .jpg, ...)")
+    images = list_images(folder, nonempty=True)
     if ref_mode != "dir":
         return [EvalItem(p.stem, p, ref_mode) for p in images]
     if ref_dir is None:

@@ -108,17 +108,26 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def image_size(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+def image_size(
+    source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, *, verify: bool = False
+) -> tuple[int, int]:
     """``(height, width)`` of an image as :func:`load_rgb` will return it, without decoding.
 
     Exact except for a PNG whose EXIF orientation tag follows the pixel data (sides may swap).
+    ``verify``: also check a file's data (PIL ``verify``), for loaders that decode it later.
     """
     if isinstance(source, np.ndarray):
         return int(source.shape[0]), int(source.shape[1])
     if isinstance(source, Image.Image):
         return _oriented_size(source)
     with _open(Path(source), max_pixels) as image:
-        return _oriented_size(image)
+        size = _oriented_size(image)
+        if verify:
+            try:
+                image.verify()
+            except (OSError, SyntaxError, ValueError) as error:
+                raise ImageError(f"{source}: unreadable image ({error})") from error
+        return size
 
 
 def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
@@ -292,12 +301,18 @@ def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path
 # --- folders ------------------------------------------------------------------------------------
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files (by suffix) directly in ``folder``, sorted by name."""
+def list_images(folder: str | os.PathLike, *, nonempty: bool = False) -> list[Path]:
+    """Image files (by suffix) directly in ``folder``, sorted by name; ``nonempty``: an
+    :class:`ImageError` if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if nonempty and not images:
+        raise ImageError(f"{folder} holds no images (.png, .jpg, ...)")
+    return images
 
 
 def match_references(stems: Iterable[str], candidates: Sequence[Path]) -> dict[str, list[Path]]:

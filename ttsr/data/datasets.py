@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -30,39 +29,16 @@ from ttsr.data.degradation import (
 )
 from ttsr.data.real_degradation import DegradationOptions, LRCorruption, degrade
 from ttsr.data.synthetic import SyntheticOptions, synthesize_pair
-from ttsr.imaging import load_rgb
+from ttsr.imaging import IMAGE_SUFFIXES, image_size, list_images, load_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Smallest HR side for evaluation: the LR-as-reference needs a 4-pixel LR.
 MIN_EVAL_SIDE = 4 * SCALE
 #: Reference modes of :class:`ValidationDataset` besides a folder of references.
 REFERENCE_MODES = ("lr", "hr")
 
 Sample = dict[str, Tensor]
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; ``ValueError`` if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no such directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image after checking its file (PIL ``verify``)."""
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable image ({error})") from error
-    return size
 
 
 def sample_rng() -> np.random.Generator:
@@ -155,7 +131,7 @@ class CufedTrainDataset(Dataset):
         self.patch_size = patch_size
         self.augment = augment
         self.degradation = degradation
-        self.inputs = list_images(root / "input")
+        self.inputs = list_images(root / "input", nonempty=True)
         self.refs = []
         for path in self.inputs:
             matches = [
@@ -167,13 +143,13 @@ class CufedTrainDataset(Dataset):
                 raise ValueError(f"{path}: no reference {root / 'ref' / path.stem}.* for it")
             self.refs.append(matches[0])
         for path in self.inputs:
-            width, height = image_size(path)
+            height, width = image_size(path, verify=True)
             if min(width, height) < patch_size:
                 raise ValueError(
                     f"{path}: {width}x{height} is smaller than patch_size {patch_size}"
                 )
         for path in self.refs:
-            image_size(path)
+            image_size(path, verify=True)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -219,8 +195,8 @@ class SyntheticReferenceDataset(Dataset):
         self.photos: list[Path] = []
         skipped: list[str] = []
         for folder in folders:
-            for path in list_images(folder):
-                width, height = image_size(path)
+            for path in list_images(folder, nonempty=True):
+                height, width = image_size(path, verify=True)
                 if min(width, height) < patch_size:
                     skipped.append(path.name)
                 else:
@@ -275,7 +251,7 @@ def _evaluation_sample(
 
 
 def _check_evaluation_image(path: Path) -> None:
-    width, height = image_size(path)
+    height, width = image_size(path, verify=True)
     if min(width, height) < MIN_EVAL_SIDE:
         raise ValueError(f"{path}: {width}x{height} is too small (each side >= {MIN_EVAL_SIDE})")
 
@@ -299,7 +275,9 @@ class ValidationDataset(Dataset):
     ) -> None:
         self.corruption = corruption
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
-        self.images = sorted((p for f in folders for p in list_images(f)), key=lambda p: p.name)
+        self.images = sorted(
+            (p for f in folders for p in list_images(f, nonempty=True)), key=lambda p: p.name
+        )
         if limit is not None:
             if limit < 1:
                 raise ValueError(f"limit must be at least 1, got {limit}")
@@ -312,7 +290,7 @@ class ValidationDataset(Dataset):
                 raise ValueError(
                     f"reference {reference!r} is neither one of {REFERENCE_MODES} nor a directory"
                 )
-            by_stem = {p.stem: p for p in list_images(folder)}
+            by_stem = {p.stem: p for p in list_images(folder, nonempty=True)}
             missing = [p.name for p in self.images if p.stem not in by_stem]
             if missing:
                 raise ValueError(f"{folder}: no reference for {', '.join(missing[:5])}")
@@ -344,7 +322,7 @@ class Cufed5Dataset(Dataset):
             raise ValueError(f"CUFED5 reference level must be 1..5, got {level}")
         root = Path(root)
         self.level = level
-        self.images = [p for p in list_images(root) if p.stem.endswith("_0")]
+        self.images = [p for p in list_images(root, nonempty=True) if p.stem.endswith("_0")]
         if not self.images:
             raise ValueError(f"{root}: no CUFED5 HR images (NNN_0.png)")
         self.refs = []
