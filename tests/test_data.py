@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ttsr.data.datamodule import TrainingCollate, TTSRDataModule
+from ttsr.data.datamodule import TrainingCollate, TTSRDataModule, evaluation_dataset
 from ttsr.data.datasets import (
     Cufed5Dataset,
     CufedTrainDataset,
@@ -18,12 +18,14 @@ from ttsr.data.datasets import (
     ValidationDataset,
 )
 from ttsr.data.degradation import lr_from_hr, to_tensor
+from ttsr.data.layouts import cufed5_entries, is_cufed5_layout
 from ttsr.data.synthetic import (
     SyntheticOptions,
     footprint_overlap,
     synthesize_pair,
     warp_reference,
 )
+from ttsr.evaluation import cufed_items
 from ttsr.imaging import ImageError, image_size, list_images
 
 KEYS = {"lr", "lrsr", "hr", "ref", "refsr"}
@@ -172,6 +174,28 @@ def test_cufed5_layout_and_levels(tmp_path):
     assert_sample(sample, (36, 40), (48, 40))
     with pytest.raises(ValueError, match="1..5"):
         Cufed5Dataset(tmp_path, level=6)
+
+
+def test_cufed5_layout_is_found_once_for_datasets_and_evaluation(tmp_path):
+    for name in ("002", "001"):
+        for level in range(6):
+            write_image(tmp_path / f"{name}_{level}.png", 32, 32, level)
+    write_image(tmp_path / "notes.png", 32, 32)
+    assert is_cufed5_layout(tmp_path) and not is_cufed5_layout(tmp_path.parent)
+    entries = cufed5_entries(tmp_path, (2, 5))
+    assert [(e.name, e.hr.name) for e in entries] == [("001", "001_0.png"), ("002", "002_0.png")]
+    assert [r.name for r in entries[1].references] == ["002_2.png", "002_5.png"]
+    assert [item.references for item in cufed_items(tmp_path, "all")] == [
+        e.references for e in cufed5_entries(tmp_path, (1, 2, 3, 4, 5))
+    ]
+    assert Cufed5Dataset(tmp_path, 2).refs == [e.references[0] for e in entries]
+    limited = evaluation_dataset("cufed5", [str(tmp_path)], "2", limit=1)
+    assert len(limited) == 1 and limited[0]["reference"] == "level2"
+    (tmp_path / "002_4.png").unlink()
+    with pytest.raises(ValueError, match="002_4 of 002_0 is missing"):
+        cufed5_entries(tmp_path, (4,))
+    with pytest.raises(ValueError, match="level"):
+        evaluation_dataset("cufed5", [str(tmp_path)], "lr")
 
 
 def test_validation_reference_modes(tmp_path):

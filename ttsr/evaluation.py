@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ttsr import visualize
 from ttsr.data.degradation import SCALE, lr_from_hr, upsample
+from ttsr.data.layouts import CUFED5_LEVELS, cufed5_entries
 from ttsr.imaging import (
     InputError,
     image_size,
@@ -44,8 +44,6 @@ from ttsr.model.ttsr import MIN_REFERENCE_SIDE
 RefMode = Literal["cufed", "lr", "hr", "dir", "files"]
 #: A corruption of the LR after the bicubic downscale (e.g. ``LRCorruption(jpeg=75)``).
 Corruption = Callable[[np.ndarray], np.ndarray]
-CUFED_LEVELS = (1, 2, 3, 4, 5)
-_CUFED_HR = re.compile(r"^(\d+)_0$")
 
 
 @dataclass(frozen=True)
@@ -91,28 +89,10 @@ class EvalImages(BicubicImages):
     references: tuple[np.ndarray, ...]
 
 
-def is_cufed_layout(folder: Path) -> bool:
-    """Whether ``folder`` holds CUFED5-style ``NNN_0.png`` HR images."""
-    return any(_CUFED_HR.match(p.stem) for p in list_images(folder))
-
-
 def cufed_items(folder: Path, level: int | Literal["all"] = 1) -> list[EvalItem]:
     """Items of a CUFED5 folder with reference ``level`` (1..5) or ``"all"`` five jointly."""
-    images = {p.stem: p for p in list_images(folder)}
-    levels = CUFED_LEVELS if level == "all" else (int(level),)
-    items = []
-    for stem in sorted(images):
-        match = _CUFED_HR.match(stem)
-        if not match:
-            continue
-        refs = [images.get(f"{match.group(1)}_{lv}") for lv in levels]
-        missing = [f"{match.group(1)}_{lv}" for lv, r in zip(levels, refs, strict=True) if not r]
-        if missing:
-            raise InputError(f"{folder}: reference {missing[0]} of {stem} is missing")
-        items.append(EvalItem(match.group(1), images[stem], "cufed", tuple(refs)))  # type: ignore[arg-type]
-    if not items:
-        raise InputError(f"{folder} holds no CUFED5-style NNN_0.png images")
-    return items
+    levels = CUFED5_LEVELS if level == "all" else (int(level),)
+    return [EvalItem(e.name, e.hr, "cufed", e.references) for e in cufed5_entries(folder, levels)]
 
 
 def folder_items(

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ttsr import visualize
+from ttsr.data.layouts import PairItem
 from ttsr.evaluation import (
     BicubicImages,
     BicubicRow,
@@ -28,22 +28,10 @@ from ttsr.evaluation import (
     degraded_lr,
     score_each,
 )
-from ttsr.imaging import IMAGE_SUFFIXES, InputError, load_rgb
+from ttsr.imaging import InputError, load_rgb
 from ttsr.inference import Upscaler
 from ttsr.metrics import psnr_y, ssim_y
 from ttsr.reference_alignment import Alignment
-
-TARGET_STEM = "target"
-REFERENCE_STEM = "ref"
-
-
-@dataclass(frozen=True)
-class PairItem:
-    """One pair: its name, the HR target and the real reference."""
-
-    name: str
-    target: Path
-    reference: Path
 
 
 @dataclass(frozen=True)
@@ -87,37 +75,6 @@ class PairTable(EvalTable):
         "ref": "reference",
         "aligned_ref": "aligned reference",
     }
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    found = [p for p in folder.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found)[0] if found else None
-
-
-def is_pairs_layout(folder: Path) -> bool:
-    """Whether ``folder`` has a sub-folder holding a ``target`` image."""
-    return any(p.is_dir() and _find(p, TARGET_STEM) for p in Path(folder).iterdir())
-
-
-def pairs_folder_items(folder: Path) -> list[PairItem]:
-    """The pairs of ``folder`` (sub-folders with ``target.png`` and ``ref.png``), by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder of pairs (NAME/target.png + NAME/ref.png)")
-    items = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        target, reference = _find(sub, TARGET_STEM), _find(sub, REFERENCE_STEM)
-        if target is None and reference is None:
-            continue  # not a pair (e.g. a folder of notes)
-        if target is None or reference is None:
-            missing = f"{TARGET_STEM}.png" if target is None else f"{REFERENCE_STEM}.png"
-            raise InputError(f"{sub} has no {missing}: each pair needs target.png and ref.png")
-        items.append(PairItem(sub.name, target, reference))
-    if not items:
-        raise InputError(
-            f"{folder} holds no pairs: expected sub-folders NAME/ with target.png and ref.png"
-        )
-    return items
 
 
 def check_pair(item: PairItem, upscaler: Upscaler | None, border: int = 0) -> None:

@@ -41,6 +41,7 @@ from ttsr.cli.common import (
     positive_int,
     run_cli,
 )
+from ttsr.data.layouts import is_cufed5_layout, pairs_folder_items
 from ttsr.data.real_degradation import LRCorruption
 from ttsr.evaluation import (
     EvalImages,
@@ -52,7 +53,6 @@ from ttsr.evaluation import (
     cufed_items,
     evaluate,
     folder_items,
-    is_cufed_layout,
     pair_items,
     summary_chart,
 )
@@ -63,7 +63,6 @@ from ttsr.pair_evaluation import (
     check_pair,
     evaluate_pairs,
     pair_grid,
-    pairs_folder_items,
 )
 
 PROG = "ttsr-eval"
@@ -206,7 +205,7 @@ def collect_items(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return folder_items(folder, "dir", Path(args.ref_dir))
     mode = args.ref_mode
     if mode == "auto":
-        mode = "cufed" if is_cufed_layout(folder) else "lr"
+        mode = "cufed" if is_cufed5_layout(folder) else "lr"
     if mode == "cufed":
         return cufed_items(folder, "all" if args.ref_level == "all" else int(args.ref_level))
     return folder_items(folder, mode)

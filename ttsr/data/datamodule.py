@@ -27,6 +27,29 @@ def lr_as_reference(sample: Sample) -> Sample:
     return {**sample, "ref": to_tensor(ref), "refsr": to_tensor(refsr)}
 
 
+def evaluation_dataset(
+    layout: Literal["folder", "cufed5"],
+    dirs: Sequence[str],
+    reference: str,
+    limit: int | None = None,
+    corruption: LRCorruption | None = None,
+) -> Dataset:
+    """One evaluation set. ``"folder"``: HR images in ``dirs`` with ``reference`` as
+    :class:`ValidationDataset` takes it; ``"cufed5"``: one folder in CUFED5's layout, ``reference``
+    the level ``"1"`` .. ``"5"`` (no ``corruption``). ``limit``: the first images only."""
+    if layout == "folder":
+        return ValidationDataset(dirs, reference, limit, corruption)
+    if layout != "cufed5":
+        raise ValueError(f"evaluation layouts are 'folder' and 'cufed5', not {layout!r}")
+    if len(dirs) != 1 or not str(reference).isdigit():
+        raise ValueError(
+            "the cufed5 layout takes one folder and a level 1..5 as its reference, got "
+            f"{list(dirs)} and {reference!r}"
+        )
+    dataset = Cufed5Dataset(dirs[0], int(reference))
+    return dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+
+
 class TrainingCollate:
     """Stack training samples; with ``lr_reference_probability`` a whole batch instead uses each
     sample's LR patch as its reference.
@@ -136,7 +159,9 @@ class TTSRDataModule(L.LightningDataModule):
             self.val_sets = [self._val_dataset(reference) for reference in self.val_references]
             if self.val_corruption is not None and self.val_layout == "folder":
                 self.val_sets += [
-                    ValidationDataset(self.val_dirs, reference, self.val_limit, self.val_corruption)
+                    evaluation_dataset(
+                        "folder", self.val_dirs, reference, self.val_limit, self.val_corruption
+                    )
                     for reference in self.val_references
                 ]
         if stage == "validate" and not self.val_dirs:
@@ -160,24 +185,14 @@ class TTSRDataModule(L.LightningDataModule):
         return CufedTrainDataset(self.train_dirs[0], self.patch_size, degradation=self.degradation)
 
     def _val_dataset(self, reference: str) -> Dataset:
-        if self.val_layout == "folder":
-            return ValidationDataset(self.val_dirs, reference, self.val_limit)
-        if len(self.val_dirs) != 1 or not str(reference).isdigit():
-            raise ValueError(
-                "the cufed5 validation layout takes one val_dirs entry and levels 1..5 as "
-                f"val_references, got {self.val_dirs} and {reference!r}"
-            )
-        dataset = Cufed5Dataset(self.val_dirs[0], int(reference))
-        if self.val_limit is not None:
-            dataset = Subset(dataset, range(min(self.val_limit, len(dataset))))
-        return dataset
+        return evaluation_dataset(self.val_layout, self.val_dirs, reference, self.val_limit)
 
     def _test_dataset(self) -> Dataset:
         if self.test_dir is None:
             raise ValueError("test needs data.test_dir")
-        if self.test_layout == "cufed5":
-            return Cufed5Dataset(self.test_dir, self.test_level)
-        return ValidationDataset(self.test_dir, self.test_reference)
+        cufed5 = self.test_layout == "cufed5"
+        reference = str(self.test_level) if cufed5 else self.test_reference
+        return evaluation_dataset(self.test_layout, [self.test_dir], reference)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -1,6 +1,7 @@
 """Datasets: CUFED training pairs, CUFED5 test sets, photos with synthetic references, and
-validation folders. Every sample is a dict of ``[3, H, W]`` tensors in [-1, 1] made by
-:mod:`ttsr.data.degradation`: ``lr``, ``lrsr`` (LR bicubic x4 up), ``hr``, ``ref``, ``refsr``
+validation folders (folder layouts: :mod:`ttsr.data.layouts`). Every sample is a dict of
+``[3, H, W]`` tensors in [-1, 1] made by :mod:`ttsr.data.degradation`: ``lr``, ``lrsr`` (LR
+bicubic x4 up), ``hr``, ``ref``, ``refsr``
 (reference down-up); evaluation samples add ``name`` (the HR file's stem) and ``reference`` (how
 the reference was chosen: ``"lr"``, ``"hr"``, ``"ref"`` or ``"level1"`` .. ``"level5"``).
 
@@ -27,9 +28,10 @@ from ttsr.data.degradation import (
     to_tensor,
     upsample,
 )
+from ttsr.data.layouts import cufed5_entries, cufed_train_entries
 from ttsr.data.real_degradation import DegradationOptions, LRCorruption, degrade
 from ttsr.data.synthetic import SyntheticOptions, synthesize_pair
-from ttsr.imaging import IMAGE_SUFFIXES, image_size, list_images, load_rgb
+from ttsr.imaging import image_size, list_images, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,13 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, int(rng.integers(0, 4))))
 
 
+def _tensors(lr: np.ndarray, lrsr: np.ndarray, hr: np.ndarray, ref: np.ndarray) -> Sample:
+    """The sample's tensors, the reference's down-up copy made here."""
+    ref, refsr = reference_pair(ref)
+    images = {"lr": lr, "lrsr": lrsr, "hr": hr, "ref": ref, "refsr": refsr}
+    return {key: to_tensor(image) for key, image in images.items()}
+
+
 def make_sample(
     hr: np.ndarray,
     ref: np.ndarray,
@@ -92,14 +101,7 @@ def make_sample(
         hr = crop_to_multiple(hr)
         lr = degrade(hr, degradation, rng)
         lrsr = upsample(lr)
-    ref, refsr = reference_pair(ref)
-    return {
-        "lr": to_tensor(lr),
-        "lrsr": to_tensor(lrsr),
-        "hr": to_tensor(hr),
-        "ref": to_tensor(ref),
-        "refsr": to_tensor(refsr),
-    }
+    return _tensors(lr, lrsr, hr, ref)
 
 
 def _check_patch_size(patch_size: int) -> None:
@@ -127,21 +129,12 @@ class CufedTrainDataset(Dataset):
         degradation: DegradationOptions | None = None,
     ) -> None:
         _check_patch_size(patch_size)
-        root = Path(root)
         self.patch_size = patch_size
         self.augment = augment
         self.degradation = degradation
-        self.inputs = list_images(root / "input", nonempty=True)
-        self.refs = []
-        for path in self.inputs:
-            matches = [
-                p
-                for p in (root / "ref").glob(path.stem + ".*")
-                if p.suffix.lower() in IMAGE_SUFFIXES
-            ]
-            if not matches:
-                raise ValueError(f"{path}: no reference {root / 'ref' / path.stem}.* for it")
-            self.refs.append(matches[0])
+        entries = cufed_train_entries(root)
+        self.inputs = [e.hr for e in entries]
+        self.refs = [e.references[0] for e in entries]
         for path in self.inputs:
             height, width = image_size(path, verify=True)
             if min(width, height) < patch_size:
@@ -238,13 +231,8 @@ def _evaluation_sample(
         lr = corruption(lr)
         lrsr = upsample(lr)
         reference = f"{reference}_{corruption.tag}"
-    ref, refsr = reference_pair(lr if ref is None else ref)
     return {
-        "lr": to_tensor(lr),
-        "lrsr": to_tensor(lrsr),
-        "hr": to_tensor(hr),
-        "ref": to_tensor(ref),
-        "refsr": to_tensor(refsr),
+        **_tensors(lr, lrsr, hr, lr if ref is None else ref),
         "name": name,
         "reference": reference,
     }
@@ -256,7 +244,39 @@ def _check_evaluation_image(path: Path) -> None:
         raise ValueError(f"{path}: {width}x{height} is too small (each side >= {MIN_EVAL_SIDE})")
 
 
-class ValidationDataset(Dataset):
+class _WholeImageDataset(Dataset):
+    """Whole HR images ``images``, each with reference ``refs[i]`` (``mode`` ``"ref"``) or its
+    own LR (``"lr"``) or HR (``"hr"``); samples are named ``names[i]`` and tagged ``tag``."""
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        refs: Sequence[Path],
+        names: Sequence[str],
+        mode: str,
+        tag: str,
+        corruption: LRCorruption | None = None,
+    ) -> None:
+        self.images, self.refs, self.names = list(images), list(refs), list(names)
+        self.mode, self.tag, self.corruption = mode, tag, corruption
+        for path in [*self.images, *self.refs]:
+            _check_evaluation_image(path)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        hr = load_rgb(self.images[index])
+        if self.mode == "lr":
+            ref = None
+        elif self.mode == "hr":
+            ref = hr
+        else:
+            ref = load_rgb(self.refs[index])
+        return _evaluation_sample(hr, ref, self.names[index], self.tag, self.corruption)
+
+
+class ValidationDataset(_WholeImageDataset):
     """Whole HR images from one or more folders, with a reference chosen by ``reference``.
 
     ``reference``: ``"lr"`` (the LR image is its own reference, TTSR's Urban100/Manga109
@@ -273,71 +293,41 @@ class ValidationDataset(Dataset):
         limit: int | None = None,
         corruption: LRCorruption | None = None,
     ) -> None:
-        self.corruption = corruption
         folders = [folders] if isinstance(folders, str | Path) else list(folders)
-        self.images = sorted(
+        images = sorted(
             (p for f in folders for p in list_images(f, nonempty=True)), key=lambda p: p.name
         )
         if limit is not None:
             if limit < 1:
                 raise ValueError(f"limit must be at least 1, got {limit}")
-            self.images = self.images[:limit]
-        self.mode = reference if reference in REFERENCE_MODES else "ref"
-        self.refs: list[Path] = []
-        if self.mode == "ref":
+            images = images[:limit]
+        mode = reference if reference in REFERENCE_MODES else "ref"
+        refs: list[Path] = []
+        if mode == "ref":
             folder = Path(reference)
             if not folder.is_dir():
                 raise ValueError(
                     f"reference {reference!r} is neither one of {REFERENCE_MODES} nor a directory"
                 )
             by_stem = {p.stem: p for p in list_images(folder, nonempty=True)}
-            missing = [p.name for p in self.images if p.stem not in by_stem]
+            missing = [p.name for p in images if p.stem not in by_stem]
             if missing:
                 raise ValueError(f"{folder}: no reference for {', '.join(missing[:5])}")
-            self.refs = [by_stem[p.stem] for p in self.images]
-        for path in [*self.images, *self.refs]:
-            _check_evaluation_image(path)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.images[index]
-        hr = load_rgb(path)
-        if self.mode == "lr":
-            ref = None
-        elif self.mode == "hr":
-            ref = hr
-        else:
-            ref = load_rgb(self.refs[index])
-        return _evaluation_sample(hr, ref, path.stem, self.mode, self.corruption)
+            refs = [by_stem[p.stem] for p in images]
+        super().__init__(images, refs, [p.stem for p in images], mode, mode, corruption)
 
 
-class Cufed5Dataset(Dataset):
-    """CUFED5 test layout: ``NNN_0.png`` is an HR image, ``NNN_1.png`` .. ``NNN_5.png`` its
-    references from most (1) to least (5) similar; ``level`` picks one of them."""
+class Cufed5Dataset(_WholeImageDataset):
+    """CUFED5 test layout (:mod:`ttsr.data.layouts`): ``NNN_0.png`` HR images; ``level`` (1..5)
+    picks which of their references ``NNN_1.png`` (most similar) .. ``NNN_5.png`` is used."""
 
     def __init__(self, root: str | Path, level: int = 1) -> None:
-        if level not in range(1, 6):
-            raise ValueError(f"CUFED5 reference level must be 1..5, got {level}")
-        root = Path(root)
+        entries = cufed5_entries(root, (level,))
         self.level = level
-        self.images = [p for p in list_images(root, nonempty=True) if p.stem.endswith("_0")]
-        if not self.images:
-            raise ValueError(f"{root}: no CUFED5 HR images (NNN_0.png)")
-        self.refs = []
-        for path in self.images:
-            ref = path.with_name(f"{path.stem[:-2]}_{level}{path.suffix}")
-            if not ref.is_file():
-                raise ValueError(f"{path}: its level-{level} reference {ref.name} is missing")
-            self.refs.append(ref)
-        for path in [*self.images, *self.refs]:
-            _check_evaluation_image(path)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.images[index]
-        hr, ref = load_rgb(path), load_rgb(self.refs[index])
-        return _evaluation_sample(hr, ref, path.stem[:-2], f"level{self.level}")
+        super().__init__(
+            [e.hr for e in entries],
+            [e.references[0] for e in entries],
+            [e.name for e in entries],
+            "ref",
+            f"level{level}",
+        )
