@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -123,56 +124,78 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model choice (``--model`` or ``--checkpoint``) and resources (device, memory, tiles)."""
+def add_model_arguments(parser: argparse.ArgumentParser, per_process: bool = False) -> None:
+    """Model choice (``--model`` or ``--checkpoint``), resources (device, memory, tiles) and
+    ``--debug``: the options of the commands that run a model.
+
+    ``per_process`` (``ttsr-infer-dist``): only ``--checkpoint``, ``--max-memory`` (per process)
+    and ``--tile``; the processes' devices are chosen by their own options.
+    """
     group = parser.add_argument_group("model and resources")
-    names = shipped_model_names()
-    described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
-    group.add_argument(
-        "--model",
-        choices=names,
-        help=f"shipped model to use (default: {names[0]}). {described}",
-    )
-    group.add_argument(
-        "--checkpoint",
-        metavar="PATH",
-        help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert released "
-        "TTSR weights with ttsr-convert)",
-    )
-    group.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
-    )
+    if per_process:
+        group.add_argument(
+            "--checkpoint", metavar="PATH", help="ttsr checkpoint (default: the shipped checkpoint)"
+        )
+    else:
+        names = shipped_model_names()
+        described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
+        group.add_argument(
+            "--model",
+            choices=names,
+            help=f"shipped model to use (default: {names[0]}). {described}",
+        )
+        group.add_argument(
+            "--checkpoint",
+            metavar="PATH",
+            help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert "
+            "released TTSR weights with ttsr-convert)",
+        )
+        group.add_argument(
+            "--device",
+            default="auto",
+            help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
+        )
     group.add_argument(
         "--max-memory",
         type=memory_size,
         metavar="SIZE",
-        help="memory budget for one image, e.g. 4GB (default: half of the memory available); "
-        "larger images are processed in tiles with identical results, and a run that cannot fit "
-        "is refused before it starts",
+        help=(
+            "memory budget per image and process, e.g. 4GB (default: half of the available "
+            "memory, shared by the CPU processes of a machine); larger images are tiled"
+            if per_process
+            else "memory budget for one image, e.g. 4GB (default: half of the memory available); "
+            "larger images are processed in tiles with identical results, and a run that cannot "
+            "fit is refused before it starts"
+        ),
     )
-    group.add_argument(
-        "--align-ref",
-        choices=ALIGNMENTS,
-        default="none",
-        help="match each reference's colours and exposure to the input's before the search, in "
-        "CIE Lab: meanstd (mean and spread per channel), histogram, or none (default: none)",
-    )
+    if not per_process:
+        group.add_argument(
+            "--align-ref",
+            choices=ALIGNMENTS,
+            default="none",
+            help="match each reference's colours and exposure to the input's before the search, "
+            "in CIE Lab: meanstd (mean and spread per channel), histogram, or none (default: none)",
+        )
     group.add_argument(
         "--tile",
         type=positive_int,
         metavar="PIXELS",
-        help="force LR tiles of this size (default: as large as --max-memory allows)",
+        help="force LR tiles of this size"
+        + ("" if per_process else " (default: as large as --max-memory allows)"),
     )
+    add_debug_argument(parser)
 
 
-def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
-    """A command's parser: its description, and an epilog shown as written."""
+def command_parser(
+    prog: str, description: str, doc: str, epilog: Literal["examples", "doc"] = "examples"
+) -> argparse.ArgumentParser:
+    """A command's parser: its description, and an epilog shown as written, from the CLI
+    module's docstring ``doc``: its ``ttsr-`` command lines (``"examples"``) or all of it but
+    the first line (``"doc"``)."""
     return argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog=epilog,
+        epilog=examples(doc) if epilog == "examples" else doc.split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -183,10 +206,24 @@ def examples(docstring: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def cli_main(
+    prog: str, build_parser: Callable[[], argparse.ArgumentParser], body: CliBody
+) -> Callable[[Sequence[str] | None], int]:
+    """A CLI's ``main(argv=None) -> exit code``: :func:`run_cli` with a fresh parser."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_cli(prog, build_parser(), body, argv)
+
+    return main
+
+
+def add_flag(group: argparse._ActionsContainer, option: str, help: str) -> None:
+    """An on/off option (``store_true``): ``--option`` turns it on."""
+    group.add_argument(option, action="store_true", help=help)
+
+
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback when something fails"
-    )
+    add_flag(parser, "--debug", "show the full traceback when something fails")
 
 
 def chosen_model(args: argparse.Namespace) -> str | Path | None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from ttsr.checkpoints import convert_released_checkpoint
 from ttsr.cli import common
-from ttsr.cli.common import EXIT_OK, add_debug_argument, examples, run_cli
+from ttsr.cli.common import EXIT_OK, add_debug_argument, cli_main
 from ttsr.imaging import check_writable
 
 PROG = "ttsr-convert"
@@ -28,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         PROG,
         "Convert a released TTSR checkpoint (researchmm/TTSR, MainNet.* / LTE.* keys) "
         "into a ttsr checkpoint for ttsr-infer and ttsr-eval.",
-        examples(__doc__),
+        __doc__,
     )
     parser.add_argument("source", help="released checkpoint (.pt), e.g. TTSR.pt or TTSR-rec.pt")
     parser.add_argument("destination", help="ttsr checkpoint to write (.pt)")
@@ -53,8 +52,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), run, argv)
+main = cli_main(PROG, build_parser, run)
 
 
 if __name__ == "__main__":

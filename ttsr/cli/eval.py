@@ -24,29 +24,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from PIL import Image
 from tqdm import tqdm
 
+from ttsr.album.evaluation import AlbumTable
 from ttsr.cli import common
 from ttsr.cli.album_eval import add_album_arguments, run_album
 from ttsr.cli.common import (
     EXIT_OK,
-    add_debug_argument,
+    add_flag,
     add_model_arguments,
     build_upscaler,
-    examples,
+    cli_main,
     model_label,
     positive_int,
-    run_cli,
 )
 from ttsr.data.layouts import is_cufed5_layout, pairs_folder_items
 from ttsr.data.real_degradation import LRCorruption
 from ttsr.evaluation import (
-    EvalImages,
+    BicubicImages,
+    BicubicRow,
     EvalItem,
-    EvalRow,
     EvalTable,
     check_item,
     comparison_grid,
@@ -58,8 +60,6 @@ from ttsr.evaluation import (
 )
 from ttsr.imaging import InputError, check_writable, save_image, write_atomic
 from ttsr.pair_evaluation import (
-    PairImages,
-    PairRow,
     check_pair,
     evaluate_pairs,
     pair_grid,
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         PROG,
         "Evaluate x4 super-resolution with TTSR's protocol: a table of Y-PSNR and "
         "SSIM (BT.601, 8-bit) for bicubic and the model, per image and on average.",
-        examples(__doc__),
+        __doc__,
     )
     parser.add_argument("dataset", nargs="?", help="folder of HR images (or CUFED5 layout)")
     refs = parser.add_argument_group("references")
@@ -137,26 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels cropped on each side before scoring (TTSR: 0, the default; some papers use 4)",
     )
     protocol.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
-    protocol.add_argument(
-        "--bicubic-only", action="store_true", help="measure the bicubic baseline, no model"
-    )
+    add_flag(protocol, "--bicubic-only", "measure the bicubic baseline, no model")
     protocol.add_argument(
         "--out",
         metavar="DIR",
         default="ttsr-eval-results",
         help="folder for results.json, results.csv and pictures (default: ttsr-eval-results)",
     )
-    protocol.add_argument(
+    add_flag(
+        protocol,
         "--save-grids",
-        action="store_true",
-        help="write OUT/grids/NAME.png: HR | bicubic | TTSR | reference(s) per image",
+        "write OUT/grids/NAME.png: HR | bicubic | TTSR | reference(s) per image",
     )
-    protocol.add_argument(
-        "--save-summary", action="store_true", help="write OUT/summary.png: a chart of the scores"
-    )
+    add_flag(protocol, "--save-summary", "write OUT/summary.png: a chart of the scores")
     add_album_arguments(parser)
     add_model_arguments(parser)
-    add_debug_argument(parser)
     return parser
 
 
@@ -228,12 +223,7 @@ def _evaluate(
         for pair in pairs:  # sizes and memory budget from the headers, before any heavy work
             check_pair(pair, upscaler, args.border)
         with progress_bar(len(pairs), "pair") as bar:
-
-            def on_pair(row: PairRow, images: PairImages) -> None:
-                if args.save_grids:
-                    save_image(pair_grid(row, images), out / "grids" / f"{row.image}.png")
-                bar.update(1)
-
+            on_pair = grid_saver(bar, out / "grids" if args.save_grids else None, pair_grid)
             table = evaluate_pairs(pairs, upscaler, args.border, corruption, on_pair)
         return table, "pair"
     items = collect_items(args, parser)[: args.limit]
@@ -241,12 +231,7 @@ def _evaluate(
     for item in items:
         check_item(item, upscaler, args.border)
     with progress_bar(len(items), "image") as bar:
-
-        def on_image(row: EvalRow, images: EvalImages) -> None:
-            if args.save_grids:
-                save_image(comparison_grid(row, images), out / "grids" / f"{row.image}.png")
-            bar.update(1)
-
+        on_image = grid_saver(bar, out / "grids" if args.save_grids else None, comparison_grid)
         table = evaluate(items, upscaler, args.border, on_image, corruption)
     table.settings = {
         "references": items[0].ref_mode if items else None,
@@ -257,6 +242,31 @@ def _evaluate(
 
 def progress_bar(total: int, unit: str) -> tqdm:
     return tqdm(total=total, unit=unit, file=sys.stderr, disable=None)
+
+
+Row = TypeVar("Row", bound=BicubicRow)
+Images = TypeVar("Images", bound=BicubicImages)
+
+
+def grid_saver(
+    bar: tqdm, grids: Path | None, grid: Callable[[Row, Images], Image.Image]
+) -> Callable[[Row, Images], None]:
+    """A per-image callback: advance ``bar``, and with a ``grids`` folder save the image's
+    comparison ``grid`` there as ``NAME.png``."""
+
+    def on_row(row: Row, images: Images) -> None:
+        if grids is not None:
+            save_image(grid(row, images), grids / f"{row.image}.png")
+        bar.update(1)
+
+    return on_row
+
+
+def write_table(table: EvalTable | AlbumTable, out: Path) -> None:
+    """Print ``table`` and write it to ``out/results.json`` and ``out/results.csv``."""
+    print(table.format())
+    write_atomic(out / "results.json", table.to_json().encode())
+    write_atomic(out / "results.csv", table.to_csv().encode())
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -285,9 +295,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "protocol": "HR cropped to a multiple of 4, PIL bicubic x4 down, then the LR corruption "
         "(blur, noise, JPEG); Y (BT.601) PSNR/SSIM",
     }
-    print(table.format())
-    write_atomic(out / "results.json", table.to_json().encode())
-    write_atomic(out / "results.csv", table.to_csv().encode())
+    write_table(table, out)
     if args.save_summary:
         title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
         save_image(summary_chart(table, title), out / "summary.png")
@@ -314,15 +322,12 @@ def _evaluate_album(args: argparse.Namespace, out: Path) -> int:
         border=args.border,
         lr_corruption=corruption.tag if corruption else None,
     )
-    print(table.format())
-    write_atomic(out / "results.json", table.to_json().encode())
-    write_atomic(out / "results.csv", table.to_csv().encode())
+    write_table(table, out)
     print(f"{PROG}: {len(table.rows)} pairs; results in {out}/results.json and results.csv")
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), run, argv)
+main = cli_main(PROG, build_parser, run)
 
 
 if __name__ == "__main__":

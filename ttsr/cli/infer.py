@@ -14,7 +14,6 @@ import argparse
 import io
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -26,13 +25,12 @@ from ttsr.album import DEFAULT_TOP_K, Album, AlbumMatches
 from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_OK,
-    add_debug_argument,
+    add_flag,
     add_model_arguments,
     build_upscaler,
+    cli_main,
     describe_model,
-    examples,
     positive_int,
-    run_cli,
 )
 from ttsr.imaging import (
     InputError,
@@ -85,9 +83,19 @@ def add_extra_arguments(parser: argparse.ArgumentParser, album: bool = True) -> 
     )
     for option, (_, description) in EXTRAS.items():
         if album or option != "matches":
-            extras.add_argument(f"--save-{option}", action="store_true", help=description)
+            add_flag(extras, f"--save-{option}", description)
     if not album:
         parser.set_defaults(save_matches=False, ref_dir=None)
+
+
+def add_input_arguments(
+    parser: argparse.ArgumentParser, lr_help: str, ref_help: str
+) -> argparse._ArgumentGroup:
+    """The "inputs and outputs" group, with ``--lr`` and the repeatable ``--ref``."""
+    group = parser.add_argument_group("inputs and outputs")
+    group.add_argument("--lr", metavar="PATH", help=lr_help)
+    group.add_argument("--ref", metavar="PATH", action="append", default=[], help=ref_help)
+    return group
 
 
 def demo_paths() -> tuple[Path, Path]:
@@ -113,16 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Reference-based x4 super-resolution (TTSR): upscale a low-resolution image "
         "with textures found in one or more reference images of similar content (another view of "
         "the scene, a sharper photo). Folders process every image in them.",
-        examples(__doc__),
+        __doc__,
     )
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--lr", metavar="PATH", help="low-resolution image, or a folder of them")
-    io.add_argument(
-        "--ref",
-        metavar="PATH",
-        action="append",
-        default=[],
-        help="reference image; repeat for several references (searched jointly). With --lr DIR: "
+    io = add_input_arguments(
+        parser,
+        "low-resolution image, or a folder of them",
+        "reference image; repeat for several references (searched jointly). With --lr DIR: "
         "a folder whose NAME.png and NAME_1.png, NAME_2.png ... are the references of input "
         "NAME, or files used for every input",
     )
@@ -155,12 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output image (.png, .jpg ...), or a folder with --lr DIR (default for --demo: "
         "ttsr_demo_sr.png)",
     )
-    io.add_argument(
-        "--demo", action="store_true", help="upscale the example pair shipped with ttsr"
-    )
+    add_flag(io, "--demo", "upscale the example pair shipped with ttsr")
     add_extra_arguments(parser)
     add_model_arguments(parser)
-    add_debug_argument(parser)
     return parser
 
 
@@ -332,8 +333,7 @@ def choose_from_album(jobs: list[Job], album: Album, upscaler: Upscaler, top_k: 
     return chosen
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), run, argv)
+main = cli_main(PROG, build_parser, run)
 
 
 if __name__ == "__main__":

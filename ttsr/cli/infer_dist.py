@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from ttsr.cli import common
 from ttsr.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_OK,
-    add_debug_argument,
+    add_flag,
+    add_model_arguments,
+    cli_main,
     error,
-    memory_size,
     positive_int,
-    run_cli,
 )
-from ttsr.cli.infer import add_extra_arguments, extra_outputs, plan_jobs
+from ttsr.cli.infer import add_extra_arguments, add_input_arguments, extra_outputs, plan_jobs
 from ttsr.imaging import check_writable, image_size
 
 PROG = "ttsr-infer-dist"
@@ -53,25 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
         "among processes on one or several machines with PyTorch Lightning (Trainer.predict, "
         "DDP: this command is rerun in each process). Same inputs and outputs as ttsr-infer with "
         "--lr DIR.",
-        __doc__.split("\n", 1)[1],
+        __doc__,
+        epilog="doc",
     )
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--lr", metavar="PATH", help="folder of low-resolution images (or one image)")
-    io.add_argument(
-        "--ref",
-        metavar="PATH",
-        action="append",
-        default=[],
-        help="folder whose NAME.png and NAME_1.png, NAME_2.png ... are the references of input "
+    io = add_input_arguments(
+        parser,
+        "folder of low-resolution images (or one image)",
+        "folder whose NAME.png and NAME_1.png, NAME_2.png ... are the references of input "
         "NAME, or reference files used for every input (repeat --ref)",
     )
     io.add_argument(
         "--out", metavar="DIR", help="output folder (NAME.png per input; a file with --lr FILE)"
     )
-    io.add_argument(
+    add_flag(
+        io,
         "--skip-existing",
-        action="store_true",
-        help="leave out inputs whose outputs all exist (resume an interrupted run)",
+        "leave out inputs whose outputs all exist (resume an interrupted run)",
     )
     add_extra_arguments(parser, album=False)
     scale = parser.add_argument_group("processes")
@@ -97,21 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="CPU threads per process (default: the cores shared among the processes)",
     )
-    model = parser.add_argument_group("model and resources")
-    model.add_argument(
-        "--checkpoint", metavar="PATH", help="ttsr checkpoint (default: the shipped checkpoint)"
-    )
-    model.add_argument(
-        "--max-memory",
-        type=memory_size,
-        metavar="SIZE",
-        help="memory budget per image and process, e.g. 4GB (default: half of the available "
-        "memory, shared by the CPU processes of a machine); larger images are tiled",
-    )
-    model.add_argument(
-        "--tile", type=positive_int, metavar="PIXELS", help="force LR tiles of this size"
-    )
-    add_debug_argument(parser)
+    add_model_arguments(parser, per_process=True)
     parser.set_defaults(demo=False)  # ttsr-infer's job planning reads it
     return parser
 
@@ -166,8 +148,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), run, argv)
+main = cli_main(PROG, build_parser, run)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,13 @@ import errno
 import ipaddress
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from functools import partial
 
 from ttsr.checkpoints import TTSRWeights
 from ttsr.cli import common
-from ttsr.cli.common import (
-    EXIT_OK,
-    add_debug_argument,
-    add_model_arguments,
-    build_upscaler,
-    describe_model,
-    positive_int,
-    run_cli,
-)
+from ttsr.cli.common import positive_int
 from ttsr.imaging import InputError
 from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import format_size
@@ -68,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference images, and get the x4 result with a before/after slider, the attention and "
         "correspondence maps and a PNG download; POST /api/upscale does the same for programs "
         "(reference at /docs). Everything runs on this machine, assets included (no CDN).",
-        __doc__.split("\n", 1)[1],
+        __doc__,
+        epilog="doc",
     )
     server = parser.add_argument_group("server")
     server.add_argument(
@@ -110,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait while one is upscaled (one runs at a time); more are "
         f"refused with 429 (default: {DEFAULT_MAX_QUEUE})",
     )
-    add_model_arguments(parser)
-    add_debug_argument(parser)
+    common.add_model_arguments(parser)
     return parser
 
 
@@ -168,7 +160,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
-    upscaler = build_upscaler(args)  # the default model now: a missing file stops here
+    upscaler = common.build_upscaler(args)  # the default model now: a missing file stops here
     models = offered_models(args, upscaler)
     listener = listening_socket(args.host, args.port)
     loopback = is_loopback(listener)
@@ -184,7 +176,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     shown = f"[{address}]" if ":" in address else address
     others = "; the page also offers " + ", ".join(list(models)[1:]) if len(models) > 1 else ""
     print(
-        f"{PROG}: serving http://{shown}:{port}/ ({describe_model(upscaler)} on "
+        f"{PROG}: serving http://{shown}:{port}/ ({common.describe_model(upscaler)} on "
         f"{upscaler.device}{others}, memory budget {format_size(upscaler.max_memory)} per "
         "image); press Ctrl+C to stop",
         file=sys.stderr,
@@ -199,11 +191,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl+C after its graceful shutdown
         uvicorn.Server(config).run(sockets=[listener])
     print(f"{PROG}: stopped", file=sys.stderr)
-    return EXIT_OK
+    return common.EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(PROG, build_parser(), run, argv)
+main = common.cli_main(PROG, build_parser, run)
 
 
 if __name__ == "__main__":
