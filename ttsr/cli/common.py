@@ -20,6 +20,7 @@ from ttsr.imaging import InputError
 from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import parse_size
 from ttsr.reference_alignment import ALIGNMENTS
+from ttsr.runtime.precision import PRECISIONS
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -123,8 +124,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model choice (``--model`` or ``--checkpoint``) and resources (device, memory, tiles)."""
+def add_precision_argument(group: argparse._ActionsContainer, default: str = "auto") -> None:
+    """``--precision``: what the model computes in (:mod:`ttsr.runtime.precision`)."""
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="what the network computes in: auto (bf16 on CPUs with native bfloat16, AVX-512 "
+        "BF16 or AMX, and on CUDA GPUs, else fp16 on GPUs and fp32), fp32, bf16 or fp16 "
+        f"(default: {default}); the texture search compares relevances in float32 in every "
+        "precision (speed and quality: README, Speed)",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, precision: str = "auto") -> None:
+    """Model choice (``--model`` or ``--checkpoint``) and resources (device, precision, memory,
+    tiles); ``precision``: the ``--precision`` default."""
     group = parser.add_argument_group("model and resources")
     names = shipped_model_names()
     described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
@@ -144,6 +159,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
     )
+    add_precision_argument(group, precision)
     group.add_argument(
         "--max-memory",
         type=memory_size,
@@ -215,4 +231,5 @@ def build_upscaler(args: argparse.Namespace) -> Upscaler:
         max_memory=args.max_memory,
         tile_size=args.tile,
         reference_alignment=args.align_ref,
+        precision=args.precision,
     )

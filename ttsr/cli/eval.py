@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-summary", action="store_true", help="write OUT/summary.png: a chart of the scores"
     )
     add_album_arguments(parser)
-    add_model_arguments(parser)
+    add_model_arguments(parser, precision="fp32")  # tables: exact, the same on every machine
     add_debug_argument(parser)
     return parser
 

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--checkpoint", metavar="PATH", help="ttsr checkpoint (default: the shipped checkpoint)"
     )
+    common.add_precision_argument(model)
     model.add_argument(
         "--max-memory",
         type=memory_size,
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         max_memory=args.max_memory,
         tile_size=args.tile,
         threads=args.threads,
+        precision=args.precision,
         on_failure=report_failure,
         progress_bar=sys.stderr.isatty(),
         quiet=not args.debug,
