@@ -136,7 +136,8 @@ class UpscalePredictor(LightningModule):
 
     ``max_memory``: budget per image in bytes (``None``: half the available memory, shared by
     the processes of a CPU node); ``threads``: CPU threads per process (``None``: Lightning's
-    choice); ``on_failure``: called for a job refused as bad input (the run goes on).
+    choice); ``on_failure``: called for a job refused as bad input (the run goes on);
+    ``precision``: as for :class:`~ttsr.inference.Upscaler`.
     """
 
     def __init__(
@@ -146,9 +147,11 @@ class UpscalePredictor(LightningModule):
         tile_size: int | None = None,
         threads: int | None = None,
         on_failure: FailureReport | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.model = model
+        self.inference_precision = precision
         self.max_memory = max_memory
         self.tile_size = tile_size
         self.threads = threads
@@ -170,7 +173,9 @@ class UpscalePredictor(LightningModule):
             budget = default_budget(self.device)
             if self.device.type == "cpu":  # the processes of a node share its memory
                 budget //= max(1, self.trainer.num_devices)
-        self.upscaler = Upscaler(self.model, self.device, budget, self.tile_size)
+        self.upscaler = Upscaler(
+            self.model, self.device, budget, self.tile_size, precision=self.inference_precision
+        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> str | None:
         """Upscale and save one job; its output path, or ``None`` if it was refused."""
@@ -237,6 +242,7 @@ def upscale_jobs(
     on_failure: FailureReport | None = None,
     progress_bar: bool = False,
     quiet: bool = True,
+    precision: str = "fp32",
 ) -> RunSummary:
     """Upscale every job x4 on ``devices`` x ``num_nodes`` processes (``Trainer.predict``).
 
@@ -253,7 +259,7 @@ def upscale_jobs(
     if not jobs:
         return RunSummary(0, 0, 0, (0,), 0.0)
     several = num_nodes > 1 or (isinstance(devices, int) and devices > 1)
-    predictor = UpscalePredictor(model, max_memory, tile_size, threads, on_failure)
+    predictor = UpscalePredictor(model, max_memory, tile_size, threads, on_failure, precision)
     loader = DataLoader(JobDataset(jobs), batch_size=1, shuffle=False, collate_fn=_single)
     quieting = _quiet_lightning() if quiet else contextlib.nullcontext()
     with quieting:

@@ -17,6 +17,7 @@ result up to float rounding.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ from ttsr.model.flow import flow_from_index
 from ttsr.model.ttsr import MIN_REFERENCE_SIDE, TTSR, check_inputs
 from ttsr.reference_alignment import ALIGNMENTS, Alignment, align_reference
 from ttsr.runtime import CPURuntime
+from ttsr.runtime.precision import precision_name, resolve_precision
 from ttsr.tiling import Tile, padded_extent, receptive_radius, tile_grid
 
 #: Smallest LR side accepted (a 16x16 output); smaller images hold no texture worth searching.
@@ -273,6 +275,11 @@ class Upscaler:
         reference_alignment: match each reference's colours to the LR's before the search
             (:mod:`ttsr.reference_alignment`): ``"none"``, ``"meanstd"`` or ``"histogram"``.
         model_name: what the model is called in messages (a shipped name or a file).
+        precision: ``"fp32"`` (default: exact, reproducible), ``"bf16"``, ``"fp16"`` or
+            ``"auto"`` (bfloat16 on a CPU with native bfloat16 and on CUDA, else float16 on CUDA
+            and float32 elsewhere: :mod:`ttsr.runtime.precision`). A reduced precision runs a
+            converted copy of ``model`` (converted once), several times faster where the hardware
+            computes it natively; the texture search still compares relevances in float32.
     """
 
     def __init__(
@@ -283,6 +290,7 @@ class Upscaler:
         tile_size: int | None = None,
         reference_alignment: Alignment = "none",
         model_name: str = "custom model",
+        precision: str = "fp32",
     ) -> None:
         self.model_name = model_name
         if reference_alignment not in ALIGNMENTS:
@@ -293,6 +301,13 @@ class Upscaler:
         self.reference_alignment = reference_alignment
         self.device = resolve_device(device)
         self._runtimes = threading.local()
+        try:
+            self.dtype = resolve_precision(precision, self.device)
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        if model.compute_dtype != self.dtype:
+            model = copy.deepcopy(model)  # the caller's model stays as it is
+            model.set_precision(self.dtype)
         self.model = model.to(self.device).eval()
         self.max_memory = int(max_memory) if max_memory else default_budget(self.device)
         if tile_size is not None and tile_size < 1:
@@ -310,6 +325,7 @@ class Upscaler:
         max_memory: int | None = None,
         tile_size: int | None = None,
         reference_alignment: Alignment = "none",
+        precision: str = "fp32",
     ) -> Upscaler:
         """A shipped model by name, or a ttsr checkpoint file (weights only).
 
@@ -319,7 +335,20 @@ class Upscaler:
         """
         name, path = resolve_model(checkpoint)
         model = load_checkpoint(path)
-        return cls(model, device, max_memory, tile_size, reference_alignment, model_name=name)
+        return cls(
+            model,
+            device,
+            max_memory,
+            tile_size,
+            reference_alignment,
+            model_name=name,
+            precision=precision,
+        )
+
+    @property
+    def precision(self) -> str:
+        """The precision the model runs in: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        return precision_name(self.dtype)
 
     @property
     def runtime(self) -> CPURuntime:
@@ -349,6 +378,7 @@ class Upscaler:
             weight_bytes=self._weight_bytes,
             use_texture=self.model.config.use_texture,
             implementation=self.model.search,
+            activation_bytes=self.dtype.itemsize,
         )
 
     def plan(

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ttsr.imaging import InputError
+from ttsr.model.fast_search_transfer import FastSearchTransfer
 
 #: Bytes per LR pixel of whole-image buffers: LR / LR-up / SR as uint8 arrays, float tensors and
 #: PIL images, soft attention, hard attention and the correspondence arrays (~700 B counted).
@@ -84,9 +85,7 @@ class MemoryEstimate:
 def texture_stage_bytes(implementation: str, queries: int, reference_positions: int) -> int:
     """Peak bytes of search + transfer for ``queries`` LR positions and ``reference_positions``."""
     if implementation == "fast":
-        estimator = _fast_estimator()
-        if estimator is not None:
-            return int(estimator(queries, reference_positions))
+        return int(FastSearchTransfer.estimate_peak_bytes(queries, reference_positions))
     search = (
         SEARCH_BYTES_PER_REFERENCE_POSITION * reference_positions
         + SEARCH_BYTES_PER_QUERY * queries
@@ -97,18 +96,10 @@ def texture_stage_bytes(implementation: str, queries: int, reference_positions: 
     return max(search, transfer)
 
 
-def _fast_estimator() -> Callable[[int, int], int] | None:
-    """``FastSearchTransfer.estimate_peak_bytes(queries, reference_positions)`` if it offers one."""
-    try:
-        from ttsr.model.fast_search_transfer import FastSearchTransfer
-    except ImportError:
-        return None
-    return getattr(FastSearchTransfer, "estimate_peak_bytes", None)
-
-
-def generator_bytes_per_lr_pixel(n_feats: int) -> int:
-    """Peak generator activation bytes per LR pixel (x4 maps hold 16 floats per LR pixel)."""
-    return int((GENERATOR_MAPS_PER_FEATURE * n_feats + GENERATOR_EXTRA_CHANNELS) * 16 * 4)
+def generator_bytes_per_lr_pixel(n_feats: int, activation_bytes: int = 4) -> int:
+    """Peak generator activation bytes per LR pixel (x4 maps hold 16 values per LR pixel)."""
+    channels = GENERATOR_MAPS_PER_FEATURE * n_feats + GENERATOR_EXTRA_CHANNELS
+    return int(channels * 16 * activation_bytes)
 
 
 def estimate_peak(
@@ -119,28 +110,36 @@ def estimate_peak(
     weight_bytes: int,
     use_texture: bool = True,
     implementation: str = "straightforward",
+    activation_bytes: int = 4,
 ) -> MemoryEstimate:
     """Peak-memory estimate of upscaling ``lr_size`` in padded tiles of ``tile_size`` (H, W).
 
     ``reference_sizes`` are the references' (H, W) after cropping to multiples of 4.
+    ``activation_bytes``: 2 for bfloat16/float16 inference (:meth:`ttsr.model.TTSR.set_precision`):
+    the extractor's and the generator's activations and the fused textures take half the
+    memory, while the reference features, the search and the transfer stay float32.
     """
+    ratio = activation_bytes / 4
     lr_pixels = lr_size[0] * lr_size[1]
     tile_pixels = tile_size[0] * tile_size[1]
     reference_pixels = [h * w for h, w in reference_sizes] if use_texture else []
     features = REFERENCE_BYTES_PER_PIXEL * sum(reference_pixels)
     fixed = weight_bytes + WHOLE_IMAGE_BYTES_PER_LR_PIXEL * lr_pixels + features
-    generator = generator_bytes_per_lr_pixel(n_feats) * tile_pixels
+    generator = generator_bytes_per_lr_pixel(n_feats, activation_bytes) * tile_pixels
     transients = [generator]
     if use_texture:
         positions = sum(reference_pixels) // 16
         textures = TEXTURE_BYTES_PER_LR_PIXEL * tile_pixels
+        reduced = textures * ratio if activation_bytes < 4 else 0  # copies made from float32
+        lrup = LRUP_EXTRACTION_BYTES_PER_LR_PIXEL * ratio + (1024 if activation_bytes < 4 else 0)
         transients += [
-            REFERENCE_EXTRACTION_BYTES_PER_PIXEL * max(reference_pixels, default=0),
-            LRUP_EXTRACTION_BYTES_PER_LR_PIXEL * tile_pixels,
+            REFERENCE_EXTRACTION_BYTES_PER_PIXEL * ratio * max(reference_pixels, default=0),
+            lrup * tile_pixels,
             texture_stage_bytes(implementation, tile_pixels, positions) + textures,
-            generator + textures,
+            textures + reduced,
+            generator + textures * ratio,
         ]
-    return MemoryEstimate(fixed=fixed, transient=max(transients), reference_features=features)
+    return MemoryEstimate(fixed=fixed, transient=int(max(transients)), reference_features=features)
 
 
 # --- budgets -------------------------------------------------------------------------------------

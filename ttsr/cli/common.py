@@ -21,6 +21,7 @@ from ttsr.imaging import InputError
 from ttsr.inference import Upscaler, shipped_model_names
 from ttsr.memory import parse_size
 from ttsr.reference_alignment import ALIGNMENTS
+from ttsr.runtime.precision import PRECISIONS
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -124,9 +125,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, per_process: bool = False) -> None:
-    """Model choice (``--model`` or ``--checkpoint``), resources (device, memory, tiles) and
-    ``--debug``: the options of the commands that run a model.
+def add_precision_argument(group: argparse._ActionsContainer, default: str = "auto") -> None:
+    """``--precision``: what the model computes in (:mod:`ttsr.runtime.precision`)."""
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="what the network computes in: auto (bf16 on CPUs with native bfloat16, AVX-512 "
+        "BF16 or AMX, and on CUDA GPUs, else fp16 on GPUs and fp32), fp32, bf16 or fp16 "
+        f"(default: {default}); the texture search compares relevances in float32 in every "
+        "precision (speed and quality: README, Speed)",
+    )
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, precision: str = "auto", per_process: bool = False
+) -> None:
+    """Model choice (``--model`` or ``--checkpoint``), resources (device, precision, memory,
+    tiles) and ``--debug``: the options of the commands that run a model; ``precision``: the
+    ``--precision`` default.
 
     ``per_process`` (``ttsr-infer-dist``): only ``--checkpoint``, ``--max-memory`` (per process)
     and ``--tile``; the processes' devices are chosen by their own options.
@@ -155,6 +172,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, per_process: bool = Fal
             default="auto",
             help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
         )
+    add_precision_argument(group, precision)
     group.add_argument(
         "--max-memory",
         type=memory_size,
@@ -252,4 +270,5 @@ def build_upscaler(args: argparse.Namespace) -> Upscaler:
         max_memory=args.max_memory,
         tile_size=args.tile,
         reference_alignment=args.align_ref,
+        precision=args.precision,
     )

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(protocol, "--save-summary", "write OUT/summary.png: a chart of the scores")
     add_album_arguments(parser)
-    add_model_arguments(parser)
+    add_model_arguments(parser, precision="fp32")  # tables: exact, the same on every machine
     return parser
 
 

@@ -307,7 +307,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(
         f"{PROG}: upscaled {len(jobs)} image{'s' * (len(jobs) != 1)} x4 with "
         f"{describe_model(upscaler)} in {elapsed:.1f} s on "
-        f"{upscaler.device} ({total_tiles} tile{'s' * (total_tiles != 1)}, estimated peak "
+        f"{upscaler.device} in {upscaler.precision} "
+        f"({total_tiles} tile{'s' * (total_tiles != 1)}, estimated peak "
         f"{format_size(peak)} of a {format_size(upscaler.max_memory)} budget) -> {where}"
     )
     return EXIT_OK

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         max_memory=args.max_memory,
         tile_size=args.tile,
         threads=args.threads,
+        precision=args.precision,
         on_failure=report_failure,
         progress_bar=sys.stderr.isatty(),
         quiet=not args.debug,

@@ -149,6 +149,7 @@ def offered_models(
                 max_memory=args.max_memory,
                 tile_size=args.tile,
                 reference_alignment=args.align_ref,
+                precision=args.precision,
             )
     return models
 
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     others = "; the page also offers " + ", ".join(list(models)[1:]) if len(models) > 1 else ""
     print(
         f"{PROG}: serving http://{shown}:{port}/ ({common.describe_model(upscaler)} on "
-        f"{upscaler.device}{others}, memory budget {format_size(upscaler.max_memory)} per "
+        f"{upscaler.device} in {upscaler.precision}{others}, memory budget "
+        f"{format_size(upscaler.max_memory)} per "
         "image); press Ctrl+C to stop",
         file=sys.stderr,
     )

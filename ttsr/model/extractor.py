@@ -6,7 +6,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ttsr.model.fused_ops import REDUCED_FLOATS, conv_relu, to_compute
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,8 +112,16 @@ class TextureExtractor(nn.Module):
         self.load_state_dict({**self.state_dict(), **picked})
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The three features, in the layers' dtype (the normalisation runs in ``image``'s; a
+        reduced-precision extractor gives channels-last features)."""
+        layers = self.features
         x = (image - self.mean) / self.std
-        relu1_1 = self.features[0:2](x)
-        relu2_1 = self.features[2:7](relu1_1)
-        relu3_1 = self.features[7:12](relu2_1)
+        dtype = layers[0].weight.dtype
+        if dtype != x.dtype and dtype in REDUCED_FLOATS:
+            x = to_compute(x, dtype)
+        relu1_1 = conv_relu(layers[0], x, in_place=True)
+        x = F.max_pool2d(conv_relu(layers[2], relu1_1, in_place=True), 2, 2)
+        relu2_1 = conv_relu(layers[5], x, in_place=True)
+        x = F.max_pool2d(conv_relu(layers[7], relu2_1, in_place=True), 2, 2)
+        relu3_1 = conv_relu(layers[10], x, in_place=True)
         return relu1_1, relu2_1, relu3_1

@@ -12,6 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttsr.model.config import DEFAULT_BLOCKS
+from ttsr.model.fused_ops import (
+    REDUCED_FLOATS,
+    bicubic_upsample,
+    conv_add_,
+    conv_relu,
+    conv_then_add,
+    to_compute,
+)
 from ttsr.model.search_transfer import TransferResult
 
 #: Channels of the relu3_1, relu2_1, relu1_1 textures fused at x1, x2, x4.
@@ -27,7 +35,10 @@ def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 def upsample(x: Tensor, factor: int) -> Tensor:
-    """Bicubic upsampling as the released code does it (``align_corners=False``)."""
+    """Bicubic upsampling as the released code does it (``align_corners=False``); reduced
+    precisions as a polyphase convolution (the same function, faster there)."""
+    if x.dtype in REDUCED_FLOATS:
+        return bicubic_upsample(x, factor)
     return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False)
 
 
@@ -41,9 +52,11 @@ def conv_of_parts(conv: nn.Conv2d, parts: Sequence[Tensor | Callable[[], Tensor]
         x = part() if callable(part) else part
         channels = x.size(1)
         weight = conv.weight[:, start : start + channels]
-        y = F.conv2d(x, weight, conv.bias if out is None else None, conv.stride, conv.padding)
+        if out is None:
+            out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
+        else:
+            out = conv_add_(conv, x, out, weight.contiguous(), with_bias=False)
         del x
-        out = y if out is None else out.add_(y)
         start += channels
     if out is None or start != conv.in_channels:
         raise ValueError(f"parts give {start} channels, the convolution takes {conv.in_channels}")
@@ -76,15 +89,15 @@ class ResBlock(nn.Module):
         super().__init__()
         self.res_scale = res_scale
         self.conv1 = conv3x3(n_feats, n_feats)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(n_feats, n_feats)
 
     def forward(self, x: Tensor, overwrite: bool = False) -> Tensor:
         """``overwrite``: add into ``x`` itself (inference, the caller gives ``x`` up)."""
-        body = self.conv2(self.relu(self.conv1(x)))
+        body = conv_relu(self.conv1, x, in_place=True)
         if self.res_scale != 1:
-            body = body.mul_(self.res_scale)
-        return x.add_(body) if overwrite else body.add_(x)
+            body = self.conv2(body).mul_(self.res_scale)
+            return x.add_(body) if overwrite else body.add_(x)
+        return conv_add_(self.conv2, body, x) if overwrite else conv_then_add(self.conv2, body, x)
 
 
 def res_blocks(count: int, n_feats: int, res_scale: float) -> nn.ModuleList:
@@ -109,8 +122,8 @@ class SFE(nn.Module):
         self.conv_tail = conv3x3(n_feats, n_feats)
 
     def forward(self, x: Tensor, lean: bool = False) -> Tensor:
-        x = relu(self.conv_head(x), lean)
-        return self.conv_tail(run_blocks(self.RBs, x, lean)).add_(x)
+        x = conv_relu(self.conv_head, x, in_place=lean)
+        return conv_then_add(self.conv_tail, run_blocks(self.RBs, x, lean), x)
 
 
 class CSFI2(nn.Module):
@@ -124,7 +137,7 @@ class CSFI2(nn.Module):
         self.conv_merge2 = conv3x3(n_feats * 2, n_feats)
 
     def forward(self, x1: Tensor, x2: Tensor, lean: bool = False) -> tuple[Tensor, Tensor]:
-        x21 = lambda: relu(self.conv21(x2), lean)  # noqa: E731
+        x21 = lambda: conv_relu(self.conv21, x2, in_place=lean)  # noqa: E731
         x12 = lambda: relu(project_up(self.conv12, x1, 2, lean), lean)  # noqa: E731
         out1 = relu(merge(self.conv_merge1, [x1, x21], lean), lean)
         out2 = relu(merge(self.conv_merge2, [x2, x12], lean), lean)
@@ -151,12 +164,14 @@ class CSFI3(nn.Module):
         self, x1: Tensor, x2: Tensor, x3: Tensor, lean: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         def down(conv: nn.Conv2d, x: Tensor) -> Callable[[], Tensor]:
-            return lambda: relu(conv(x), lean)
+            return lambda: conv_relu(conv, x, in_place=lean)
 
         def up(conv: nn.Conv2d, x: Tensor, factor: int) -> Callable[[], Tensor]:
             return lambda: relu(project_up(conv, x, factor, lean), lean)
 
-        x31 = lambda: relu(self.conv31_2(relu(self.conv31_1(x3), lean)), lean)  # noqa: E731
+        x31 = lambda: conv_relu(  # noqa: E731
+            self.conv31_2, conv_relu(self.conv31_1, x3, in_place=lean), in_place=lean
+        )
         out1 = merge(self.conv_merge1, [x1, down(self.conv21, x2), x31], lean)
         out2 = merge(self.conv_merge2, [x2, up(self.conv12, x1, 2), down(self.conv32, x3)], lean)
         out3 = merge(self.conv_merge3, [x3, up(self.conv13, x1, 4), up(self.conv23, x2, 2)], lean)
@@ -180,7 +195,13 @@ class MergeTail(nn.Module):
         x13 = lambda: relu(project_up(self.conv13, x1, 4, lean), lean)  # noqa: E731
         x23 = lambda: relu(project_up(self.conv23, x2, 2, lean), lean)  # noqa: E731
         x = relu(merge(self.conv_merge, [x3, x13, x23], lean), lean)
-        x = self.conv_tail2(self.conv_tail1(x))
+        x = self.conv_tail1(x)
+        if x.dtype in REDUCED_FLOATS:
+            # The RGB layer in float32: the image is not rounded to a reduced precision's 8 bits.
+            tail = self.conv_tail2
+            x = F.conv2d(x.float(), tail.weight.float(), tail.bias.float())
+        else:
+            x = self.conv_tail2(x)
         if skip is not None:
             x = x.add_(skip)
         return x.clamp_(-1, 1) if lean else torch.clamp(x, -1, 1)
@@ -261,6 +282,10 @@ class Generator(nn.Module):
 
         ``lrsr`` (the bicubic x4 of ``lr``) is needed only with ``bicubic_skip``.
 
+        The layers compute in their weights' dtype (:meth:`ttsr.model.TTSR.set_precision`);
+        with a reduced precision, ``lr`` and the textures are converted as they enter, the
+        activations are channels-last, and the RGB output layer and ``lrsr`` stay float32.
+
         ``lean`` (inference, without autograd) computes the same function to float rounding in
         less memory and time: convolutions of concatenations as sums of per-part convolutions,
         1x1 convolutions before the bicubic upsampling, activations and residual additions in
@@ -285,34 +310,37 @@ class Generator(nn.Module):
             assert textures is not None
             attention = textures.soft_attention
             attention = attention if scale == 1 else upsample(attention, scale)
+            attention = to_compute(attention, dtype)
             texture = getattr(textures, level)
             if lean:
                 setattr(textures, level, None)
+            texture = to_compute(texture, dtype)  # the float32 map is freed here when lean
             return merge(head, [x, texture], lean).mul_(attention).add_(x)
 
         texture = self.use_texture
-        x11 = self.SFE(lr, lean)
+        dtype = self.SFE.conv_head.weight.dtype
+        x11 = self.SFE(to_compute(lr, dtype), lean)
         if texture:
             x11 = fuse(x11, "t_lv3", 1, self.conv11_head)
-        x11 = self.conv11_tail(run_blocks(self.RB11, x11, lean)).add_(x11)
+        x11 = conv_then_add(self.conv11_tail, run_blocks(self.RB11, x11, lean), x11)
 
-        x22 = relu(self.ps12(self.conv12(x11)), lean)
+        x22 = self.ps12(conv_relu(self.conv12, x11, in_place=lean))
         if texture:
             x22 = fuse(x22, "t_lv2", 2, self.conv22_head)
         x21_res, x22_res = self.ex12(x11, x22, lean)
-        x21 = self.conv21_tail(run_blocks(self.RB21, x21_res, lean, consume=True)).add_(x11)
+        x21 = conv_then_add(self.conv21_tail, run_blocks(self.RB21, x21_res, lean, True), x11)
         del x11, x21_res
-        x22 = self.conv22_tail(run_blocks(self.RB22, x22_res, lean, consume=True)).add_(x22)
+        x22 = conv_then_add(self.conv22_tail, run_blocks(self.RB22, x22_res, lean, True), x22)
         del x22_res
 
-        x33 = relu(self.ps23(self.conv23(x22)), lean)
+        x33 = self.ps23(conv_relu(self.conv23, x22, in_place=lean))
         if texture:
             x33 = fuse(x33, "t_lv1", 4, self.conv33_head)
         x31_res, x32_res, x33_res = self.ex123(x21, x22, x33, lean)
-        x31 = self.conv31_tail(run_blocks(self.RB31, x31_res, lean, consume=True)).add_(x21)
+        x31 = conv_then_add(self.conv31_tail, run_blocks(self.RB31, x31_res, lean, True), x21)
         del x21, x31_res
-        x32 = self.conv32_tail(run_blocks(self.RB32, x32_res, lean, consume=True)).add_(x22)
+        x32 = conv_then_add(self.conv32_tail, run_blocks(self.RB32, x32_res, lean, True), x22)
         del x22, x32_res
-        x33 = self.conv33_tail(run_blocks(self.RB33, x33_res, lean, consume=True)).add_(x33)
+        x33 = conv_then_add(self.conv33_tail, run_blocks(self.RB33, x33_res, lean, True), x33)
         del x33_res
         return self.merge_tail(x31, x32, x33, lrsr if self.bicubic_skip else None, lean)

@@ -13,6 +13,7 @@ from ttsr.model.config import RELEASED, Divisor, TTSRConfig
 from ttsr.model.deformable_transfer import DeformableTransfer
 from ttsr.model.extractor import TextureExtractor
 from ttsr.model.fast_search_transfer import FastSearchTransfer
+from ttsr.model.fused_ops import REDUCED_FLOATS, to_compute
 from ttsr.model.generator import Generator
 from ttsr.model.search_transfer import SearchTransfer, TransferResult
 from ttsr.runtime import Runtime
@@ -65,10 +66,6 @@ def build_search_transfer(implementation: str, divisor: Divisor) -> nn.Module:
     raise ValueError(f"search must be one of {SEARCH_IMPLEMENTATIONS}, not {implementation!r}")
 
 
-#: What autocast computes in; the search widens these to float32.
-REDUCED_FLOATS = (torch.bfloat16, torch.float16)
-
-
 def full_precision(device: torch.device) -> torch.autocast:
     """Autocast off: the search compares relevances in float32 even under mixed precision
     (bf16 features would turn near-ties into different best patches), and its fast path keeps
@@ -81,7 +78,9 @@ def at_least_float32(*features: Tensor | list[Tensor]) -> list[Tensor | list[Ten
     (a float64 model keeps float64)."""
 
     def widen(feature: Tensor) -> Tensor:
-        return feature.float() if feature.dtype in REDUCED_FLOATS else feature
+        if feature.dtype not in REDUCED_FLOATS:
+            return feature
+        return feature.to(torch.float32, memory_format=torch.contiguous_format)
 
     return [[widen(f) for f in x] if isinstance(x, list) else widen(x) for x in features]
 
@@ -151,6 +150,23 @@ class TTSR(nn.Module):
                 config.offset_groups, divisor=config.divisor
             )
 
+    def set_precision(self, dtype: torch.dtype) -> None:
+        """Convert the generator's and the texture extractor's convolution weights to ``dtype``
+        for inference (in place, once): ``torch.bfloat16`` or ``torch.float16`` run their
+        activations channels-last in that dtype, while the search still compares relevances in
+        float32 and the output layer stays float32. Converting back to float32 does not restore
+        the rounded weights: load the checkpoint again for that."""
+        memory_format = torch.channels_last if dtype in REDUCED_FLOATS else torch.contiguous_format
+        for module in (self.generator, self.extractor):
+            for layer in module.modules():
+                if isinstance(layer, nn.Conv2d):
+                    layer.to(dtype=dtype, memory_format=memory_format)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the generator and extractor compute in (:meth:`set_precision`)."""
+        return self.generator.SFE.conv_head.weight.dtype
+
     def set_search(self, implementation: str) -> None:
         """Switch the search/transfer implementation (they hold no weights)."""
         self.search_transfer = build_search_transfer(implementation, self.config.divisor)
@@ -159,15 +175,14 @@ class TTSR(nn.Module):
     def extract_reference_features(
         self, refs: Sequence[Tensor], refsrs: Sequence[Tensor]
     ) -> ReferenceFeatures:
-        """Extractor features of references in [-1, 1] (sides multiples of 4), computed once."""
+        """Extractor features of references in [-1, 1] (sides multiples of 4), computed once,
+        at least float32 (for the search and the transfer)."""
         refsr_lv3 = [self.extractor((r.detach() + 1.0) / 2.0)[2] for r in refsrs]
         levels = [self.extractor((r.detach() + 1.0) / 2.0) for r in refs]
-        return ReferenceFeatures(
-            refsr_lv3=refsr_lv3,
-            ref_lv1=[lv[0] for lv in levels],
-            ref_lv2=[lv[1] for lv in levels],
-            ref_lv3=[lv[2] for lv in levels],
+        features = at_least_float32(
+            refsr_lv3, [lv[0] for lv in levels], [lv[1] for lv in levels], [lv[2] for lv in levels]
         )
+        return ReferenceFeatures(*features)  # type: ignore[arg-type]
 
     def transfer_textures(
         self, lrsr: Tensor, references: ReferenceFeatures, runtime: Runtime | None = None
@@ -196,9 +211,7 @@ class TTSR(nn.Module):
             )
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
             index,
-            lrsr_lv1,
-            lrsr_lv2,
-            lrsr_lv3,
+            *at_least_float32(lrsr_lv1, lrsr_lv2, lrsr_lv3),  # the head stays float32
             references.ref_lv1,
             references.ref_lv2,
             references.ref_lv3,
@@ -221,6 +234,13 @@ class TTSR(nn.Module):
     def _generate(
         self, lr: Tensor, lrsr: Tensor, textures: TransferResult, lean: bool
     ) -> TTSROutput:
+        dtype = self.compute_dtype
+        if dtype in REDUCED_FLOATS:  # each float32 map is freed as its copy is made
+            for level in ("t_lv3", "t_lv2", "t_lv1"):
+                texture = getattr(textures, level)
+                setattr(textures, level, None)
+                setattr(textures, level, to_compute(texture, dtype))
+                del texture
         sr = self.generator(lr, textures, lrsr, lean=lean)  # lean: takes the maps out
         return TTSROutput(
             sr=sr,
