@@ -1,4 +1,5 @@
-"""Time and peak memory of TTSR's SearchTransfer and whole model, straightforward against fast.
+"""Time and peak memory of TTSR's SearchTransfer and whole model, straightforward against fast,
+and of whole-image inference (the shipped model through ``Upscaler``) in float32 against bfloat16.
 
 Every case runs in a fresh Python process (``--case NAME``) so that its peak memory is its own:
 the child reports the resident set before the timed work (inputs, weights and libraries loaded)
@@ -10,6 +11,7 @@ Run from the repository root::
 
     python scripts/benchmark.py --out benchmarks/cpu.md      # full run (about 15 minutes)
     python scripts/benchmark.py --quick                       # small smoke run (about a minute)
+    python scripts/benchmark.py --tasks precision-0.7mp precision-4mp --out benchmarks/precision.md
 
 Inputs are features of a real stereo pair when ``../shared/data/pairs`` (or ``--images``) has
 one, else of synthetic images. Timings on a shared machine are noisy: compare ratios of one run.
@@ -24,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,6 +273,8 @@ def layout(sample: Sample, optimized: bool) -> Sample:
 def run_case(name: str, args: argparse.Namespace) -> Measurement:
     """Run one case in this process; ``name`` is ``kind:size:variant``."""
     kind, size_key, variant = name.split(":")
+    if kind == "precision":
+        return precision_case(size_key, variant, args)
     size = (QUICK_SIZES if args.quick else FULL_SIZES)[size_key]
     left, right, _ = image_pair(args.images)
     fast = variant in ("fast", "optimized", "bf16")
@@ -357,7 +362,61 @@ TASKS = (
     "train-bf16-train",
     "infer-lr256",
     "upscale-lr256",
+    "precision-0.7mp",
+    "precision-4mp",
 )
+
+#: Whole-image inference sizes (LR height, width), the LR as its own reference: output 0.7 MP
+#: (1024x680) and 4 MP (2464x1640).
+PRECISION_SIZES = {"0.7mp": (170, 256), "4mp": (410, 616)}
+QUICK_PRECISION_SIZES = {"0.7mp": (24, 36), "4mp": (48, 72)}
+
+
+def y_channel(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of uint8 RGB, as the evaluation scores it."""
+    rgb = rgb.astype(np.float64)
+    return 16 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+
+
+def y_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    error = float(np.mean((y_channel(a) - y_channel(b)) ** 2))
+    return float("inf") if error == 0 else 10 * float(np.log10(255**2 / error))
+
+
+def precision_case(size_key: str, precision: str, args: argparse.Namespace) -> Measurement:
+    """What ``ttsr-infer --model bicubic --precision P`` does on the whole image: the
+    LR (bicubic x4 down of a crop of the left view) as its own reference. Saves the output to
+    ``--outputs`` and notes its Y-PSNR against the crop."""
+    from ttsr.inference import Upscaler
+
+    sizes = QUICK_PRECISION_SIZES if args.quick else PRECISION_SIZES
+    lr_size = sizes[size_key]
+    left, _, _ = image_pair(args.images)
+    hr_size = (lr_size[0] * 4, lr_size[1] * 4)
+    scale = max(hr_size[0] / left.height, hr_size[1] / left.width, 1.0)
+    if scale > 1.0:
+        left = resize(left, (round(left.height * scale) + 1, round(left.width * scale) + 1))
+    top, left_x = (left.height - hr_size[0]) // 2, (left.width - hr_size[1]) // 2
+    hr = left.convert("RGB").crop((left_x, top, left_x + hr_size[1], top + hr_size[0]))
+    lr = resize(hr, lr_size)
+    upscaler = Upscaler.from_checkpoint("bicubic", device="cpu", precision=precision)
+    outputs: list[np.ndarray] = []
+    warmup = 0 if size_key == "4mp" else args.warmup
+    repeats = 1 if size_key == "4mp" else args.repeats
+    measurement = measure(
+        lambda: outputs.append(np.asarray(upscaler.upscale(lr, lr).sr)), warmup, repeats
+    )
+    sr = outputs[-1]
+    if args.outputs is not None:
+        np.save(args.outputs / f"{size_key}-{precision}.npy", sr)
+    plan = upscaler.plan(lr_size, [lr_size])
+    measurement.notes.update(
+        psnr_vs_hr=y_psnr(sr, np.asarray(hr)),
+        tiles=len(plan.tiles),
+        estimate_mb=plan.estimate.peak / 2**20,
+    )
+    return measurement
+
 
 #: Memory budget of the ``ttsr-infer`` case (``--max-memory``).
 UPSCALE_BUDGET = 4 * 2**30
@@ -396,6 +455,8 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         command.append("--quick")
     if args.images is not None:
         command += ["--images", str(args.images)]
+    if args.outputs is not None:
+        command += ["--outputs", str(args.outputs)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = process.communicate()
     usage = getattr(process, "rusage", None)
@@ -543,6 +604,42 @@ def largest_row(largest: Size, get: Callable[[str], dict[str, Any]]) -> Row:
     )
 
 
+def precision_row(
+    size_key: str, args: argparse.Namespace, get: Callable[[str], dict[str, Any]]
+) -> Row:
+    """Whole-image inference of the shipped bicubic model, float32 against bfloat16."""
+    exact = get(f"precision:{size_key}:fp32")
+    reduced = get(f"precision:{size_key}:bf16")
+    height, width = (QUICK_PRECISION_SIZES if args.quick else PRECISION_SIZES)[size_key]
+    quality = "output not compared"
+    close = False
+    files = [args.outputs / f"{size_key}-{p}.npy" for p in ("fp32", "bf16")]
+    if all(f.is_file() for f in files):
+        a, b = (np.load(f) for f in files)
+        gap = reduced["notes"]["psnr_vs_hr"] - exact["notes"]["psnr_vs_hr"]
+        changed = float(np.mean(a != b))
+        quality = (
+            f"Y-PSNR against the HR crop {exact['notes']['psnr_vs_hr']:.3f} (fp32) / "
+            f"{reduced['notes']['psnr_vs_hr']:.3f} (bf16): {gap:+.3f} dB; bf16 against fp32 "
+            f"{y_psnr(a, b):.1f} dB, {changed:.1%} of values differ, at most by "
+            f"{int(np.abs(a.astype(int) - b).max())}"
+        )
+        close = abs(gap) <= 0.02
+        quality += "; memory estimates " + " / ".join(
+            f"{r['notes']['estimate_mb']:.0f} MB" for r in (exact, reduced)
+        )
+    return Row(
+        "whole-image inference (Upscaler, shipped bicubic model, LR as its own reference): fp32 "
+        "(baseline column) against bf16",
+        f"LR {width}x{height} -> {4 * width}x{4 * height} ({16 * width * height / 1e6:.1f} MP; "
+        f"{reduced.get('notes', {}).get('tiles', '?')} tile(s))",
+        exact,
+        reduced,
+        f">= 2.5x faster, Y-PSNR within 0.02 dB: {quality}",
+        lambda r: at_least(r.speed, 2.5) and close,
+    )
+
+
 def budget_row(largest: Size, get: Callable[[str], dict[str, Any]]) -> Row:
     """What ttsr-infer does with a memory budget on LR 256 / ref 1024."""
     budgeted = get("upscale:lr256:optimized")
@@ -583,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         help="measure only these rows (default: all)",
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.case:
@@ -661,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(largest_row(largest, get))
     if wanted("upscale-lr256"):
         rows.append(budget_row(largest, get))
+    with tempfile.TemporaryDirectory() as outputs:
+        args.outputs = Path(outputs)
+        for size_key in PRECISION_SIZES:
+            if wanted(f"precision-{size_key}"):
+                rows.append(precision_row(size_key, args, get))
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = [
@@ -677,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         "- straightforward / baseline: `SearchTransfer` as written, NCHW. fast / optimized: "
         "`FastSearchTransfer`; for the whole model also channels_last and, under no_grad, the "
         "generator's lean forward; for the training step also freed memory kept in "
-        f"the heap (`ttsr.runtime.keep_freed_memory`); runtime: {args.runtime}",
+        f"the heap (`ttsr.runtime.keep_freed_memory`); runtime: {args.runtime}. Precision rows: "
+        "`Upscaler(precision=...)` with the shipped `bicubic` model, fp32 against bf16",
         "- times: best of the timed runs (median and CPU seconds beside; big sizes: one cold "
         "run); memory: peak resident set of the case's own process (warm-up included) and how "
         "far it rose above the set before the timed work (extra: libraries, weights and inputs "

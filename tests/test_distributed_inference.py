@@ -100,7 +100,7 @@ def test_two_processes_write_the_same_files_as_one(
     double = tmp_path / "double"
     command = [sys.executable, "-m", "ttsr.cli.infer_dist", "--lr", lr, "--ref", refs]
     command += ["--out", double, "--checkpoint", checkpoint, "--save-attention"]
-    command += ["--accelerator", "cpu", "--devices", "2", "--threads", "1"]
+    command += ["--accelerator", "cpu", "--devices", "2", "--threads", "1", "--precision", "fp32"]
     finished = subprocess.run(
         [str(part) for part in command],
         capture_output=True,

@@ -87,14 +87,14 @@ def test_a_named_model_that_is_not_installed_says_what_to_choose(shipped) -> Non
 def test_infer_uses_and_reports_the_chosen_model(tmp_path, shipped, pair, capsys, name) -> None:
     out = tmp_path / "sr.png"
     argv = ["--lr", pair[0], "--ref", pair[1], "--out", out, "--device", "cpu", "--model", name]
-    code, stdout, err = call(infer.main, argv, capsys)
+    code, stdout, err = call(infer.main, [*argv, "--precision", "fp32"], capsys)
     assert code == 0, err
     assert f"with the {name} model" in stdout
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected_sr(shipped[name], pair))
 
 
 def test_infer_default_is_real_and_checkpoint_takes_any_file(tmp_path, shipped, pair, capsys):
-    base = ["--lr", pair[0], "--ref", pair[1], "--device", "cpu"]
+    base = ["--lr", pair[0], "--ref", pair[1], "--device", "cpu", "--precision", "fp32"]
     code, stdout, err = call(infer.main, [*base, "--out", tmp_path / "a.png"], capsys)
     assert code == 0 and "with the real model" in stdout, err
     other = tmp_path / "mine.pt"

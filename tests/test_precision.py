@@ -113,6 +113,7 @@ def test_fused_kernels_are_taken_only_for_cpu_bfloat16_without_autograd() -> Non
     with torch.no_grad():
         assert fused_ops.fusable(x) == fused_ops._fused_kernels_available()
         assert not fused_ops.fusable(x.float())
+        assert not fused_ops.fusable(x, torch.zeros(2, 2, 3, 3))  # autocast: float32 weights
     with torch.enable_grad():
         assert not fused_ops.fusable(x.requires_grad_())
 

@@ -117,13 +117,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """How a run is split: LR ``tiles``, their ``core`` size and ``margin``, and its memory."""
+    """How a run is split: LR ``tiles``, their ``core`` size and ``margin``, and its memory;
+    planned for ``lr_size`` and ``reference_sizes`` (H, W; references cropped to multiples of 4)."""
 
     tiles: tuple[Tile, ...]
     core: int
     margin: int
     estimate: MemoryEstimate
     budget: int
+    lr_size: tuple[int, int] = (0, 0)
+    reference_sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,8 @@ class Upscaler:
         if estimate.peak > self.max_memory:
             raise self._budget_error(lr_size, reference_sizes, estimate)
         tiles = tuple(tile_grid(height, width, core, self.margin))
-        return TilePlan(tiles, core, self.margin, estimate, self.max_memory)
+        sizes = tuple((int(h), int(w)) for h, w in reference_sizes)
+        return TilePlan(tiles, core, self.margin, estimate, self.max_memory, (height, width), sizes)
 
     def _largest_fitting_core(
         self, lr_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
@@ -515,9 +519,12 @@ class Upscaler:
                 raise InputError("give references or an album to choose them from, not both")
             matches = self.choose_references(lr, album, top_k)
             refs = list(matches.chosen)
-        self.check_sizes(lr, refs)  # refuses early, from the headers
+        plan = self.check_sizes(lr, refs)  # refuses early, from the headers
         inputs = self.prepare(lr, refs, alignment)
-        plan = self.plan(tuple(inputs.lr.shape[-2:]), [r.shape[:2] for r in inputs.references_rgb])
+        lr_size = (int(inputs.lr.shape[-2]), int(inputs.lr.shape[-1]))
+        sizes = tuple((int(r.shape[0]), int(r.shape[1])) for r in inputs.references_rgb)
+        if (plan.lr_size, plan.reference_sizes) != (lr_size, sizes):
+            plan = self.plan(lr_size, sizes)  # a PNG's EXIF rotation found only when decoded
         output = self.run(inputs, plan, progress)
         references = inputs.references_rgb if self.model.config.use_texture else ()
         correspondence = None

@@ -40,11 +40,12 @@ def _fused_kernels_available() -> bool:
         return False
 
 
-def fusable(x: Tensor) -> bool:
-    """Whether convolutions of ``x`` take the fused oneDNN kernels: bfloat16 on a CPU, no
-    autograd, kernels present."""
+def fusable(x: Tensor, weight: Tensor | None = None) -> bool:
+    """Whether convolutions of ``x`` (by ``weight``) take the fused oneDNN kernels: bfloat16
+    input and weights (not autocast's float32 weights) on a CPU, no autograd, kernels present."""
     return (
         x.dtype == torch.bfloat16
+        and (weight is None or weight.dtype == x.dtype)
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and _fused_kernels_available()
@@ -60,7 +61,7 @@ def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
 
 def conv_relu(conv: nn.Conv2d, x: Tensor, in_place: bool = False) -> Tensor:
     """``relu(conv(x))``; ``in_place``: the ReLU may overwrite the convolution's output."""
-    if fusable(x):
+    if fusable(x, conv.weight):
         padding, stride, dilation, groups = _geometry(conv)
         return torch.ops.mkldnn._convolution_pointwise(
             x, conv.weight, conv.bias, padding, stride, dilation, groups, "relu", [], ""
@@ -82,7 +83,7 @@ def conv_add_(
     bias = conv.bias if with_bias else None
     padding, stride, dilation, groups = _geometry(conv)
     if (
-        fusable(x)
+        fusable(x, weight)
         and into.dtype == x.dtype
         and into.is_contiguous(memory_format=torch.channels_last)
     ):
@@ -94,7 +95,7 @@ def conv_add_(
 
 def conv_then_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     """``conv(x) + residual`` in a new tensor (the convolution's output, added into)."""
-    if fusable(x) and residual.dtype == x.dtype:
+    if fusable(x, conv.weight) and residual.dtype == x.dtype:
         padding, stride, dilation, groups = _geometry(conv)
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, conv.weight, conv.bias, padding, stride, dilation, groups,
