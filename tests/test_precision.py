@@ -123,14 +123,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / max(error, 1e-12)))
 
 
-def test_bf16_upscaler_matches_fp32_and_leaves_the_callers_model_alone() -> None:
+@pytest.mark.parametrize("reduced_name", ["bf16", "fp16"])
+def test_reduced_upscaler_matches_fp32_and_leaves_the_callers_model_alone(reduced_name) -> None:
     model = tiny_model(seed=2)
     lr, ref = textured(20, 24, seed=8), textured(40, 44, seed=9)
     exact = Upscaler(model, "cpu", max_memory=BIG_BUDGET, precision="fp32").upscale(lr, ref)
-    reduced_engine = Upscaler(model, "cpu", max_memory=BIG_BUDGET, precision="bf16")
+    reduced_engine = Upscaler(model, "cpu", max_memory=BIG_BUDGET, precision=reduced_name)
     reduced = reduced_engine.upscale(lr, ref)
     assert model.compute_dtype == torch.float32 and reduced_engine.model is not model
-    assert reduced_engine.model.compute_dtype == torch.bfloat16
+    assert reduced_engine.model.compute_dtype == precision.DTYPES[reduced_name]
     a, b = np.asarray(exact.sr), np.asarray(reduced.sr)
     assert psnr(a, b) > 40 and np.abs(a.astype(int) - b).max() <= 8
     assert (exact.correspondence.reference_id == reduced.correspondence.reference_id).all()
