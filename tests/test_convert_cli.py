@@ -31,7 +31,8 @@ def test_converted_checkpoint_reproduces_the_released_output(tmp_path: Path, cap
     )
     out = tmp_path / "sr.png"
     argv = ["--lr", RELEASED / "lr.png", "--ref", RELEASED / "ref.png", "--out", out]
-    code, _, err = call(infer.main, argv + ["--checkpoint", checkpoint, "--device", "cpu"], capsys)
+    argv += ["--checkpoint", checkpoint, "--device", "cpu", "--precision", "fp32"]
+    code, _, err = call(infer.main, argv, capsys)
     assert code == 0, err
     ours = np.asarray(Image.open(out), dtype=int)
     released = np.asarray(Image.open(RELEASED / "sr.png"), dtype=int)
