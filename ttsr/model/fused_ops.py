@@ -11,6 +11,7 @@ touched: they stay bit for bit what they were).
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -88,8 +89,9 @@ def conv_add_(
         and into.is_contiguous(memory_format=torch.channels_last)
     ):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            into, x, weight, bias, padding, stride, dilation, groups, "add", 1.0, None, [], None
-        )
+            into, x, weight.contiguous(), bias, padding, stride, dilation, groups,
+            "add", 1.0, None, [], None,
+        )  # fmt: skip
     return into.add_(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups))
 
 
@@ -124,7 +126,7 @@ def _phase_taps(factor: int) -> tuple[tuple[float, ...], ...]:
     phases = []
     for phase in range(factor):
         source = (phase + 0.5) / factor - 0.5  # relative to the input pixel of this output cell
-        base = int(torch.floor(torch.tensor(source)).item())
+        base = math.floor(source)
         fraction = source - base
         weights = [0.0] * 5
         for tap in range(-1, 3):

@@ -55,7 +55,7 @@ def conv_of_parts(conv: nn.Conv2d, parts: Sequence[Tensor | Callable[[], Tensor]
         if out is None:
             out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
         else:
-            out = conv_add_(conv, x, out, weight.contiguous(), with_bias=False)
+            out = conv_add_(conv, x, out, weight, with_bias=False)
         del x
         start += channels
     if out is None or start != conv.in_channels:

@@ -195,19 +195,20 @@ class TTSR(nn.Module):
         lrsr_lv1, lrsr_lv2, lrsr_lv3 = self.extractor((lrsr.detach() + 1.0) / 2.0)
         if self.deformable_transfer is None:
             del lrsr_lv1, lrsr_lv2  # the hard transfer needs relu3_1 only
-            features = at_least_float32(
-                lrsr_lv3,
-                references.refsr_lv3,
-                references.ref_lv1,
-                references.ref_lv2,
-                references.ref_lv3,
-            )
+            (lrsr_lv3,) = at_least_float32(lrsr_lv3)  # the references are widened already
             with full_precision(lrsr.device):
-                return self.search_transfer.search_and_transfer(*features, runtime=runtime)
+                return self.search_transfer.search_and_transfer(
+                    lrsr_lv3,
+                    references.refsr_lv3,
+                    references.ref_lv1,
+                    references.ref_lv2,
+                    references.ref_lv3,
+                    runtime=runtime,
+                )
         # The head samples the references itself: search only, no hard textures.
         with full_precision(lrsr.device):
             soft_attention, index = self.search_transfer.search_only(
-                *at_least_float32(lrsr_lv3, references.refsr_lv3), runtime=runtime
+                *at_least_float32(lrsr_lv3), references.refsr_lv3, runtime=runtime
             )
         t_lv3, t_lv2, t_lv1 = self.deformable_transfer(
             index,
