@@ -137,8 +137,13 @@ def test_cli_resumes_and_reports_bad_input(
     assert_bad_input(code, err, PROG, "none")
     code, _, err = call(infer_dist.main, [*base, "--devices", "0"], capsys)
     assert_bad_input(code, err, PROG, "--devices")
+    code, _, err = call(infer_dist.main, [*base, "--model", "bicubic"], capsys)
+    assert_bad_input(code, err, PROG, "not both")
+    code, _, err = call(infer_dist.main, [*base[:4], "--model", "nosuch"], capsys)
+    assert code == 2 and "invalid choice" in err
     if not torch.cuda.is_available():
         code, _, err = call(infer_dist.main, [*base, "--accelerator", "gpu"], capsys)
         assert_bad_input(code, err, PROG, "cannot run on gpu")
     code, stdout, _ = call(infer_dist.main, ["--help"], capsys)
     assert code == 0 and "--num-nodes" in stdout and "MASTER_ADDR" in stdout
+    assert "--model {real,bicubic}" in stdout

@@ -246,7 +246,8 @@ def upscale_jobs(
 ) -> RunSummary:
     """Upscale every job x4 on ``devices`` x ``num_nodes`` processes (``Trainer.predict``).
 
-    ``model``: a TTSR, a checkpoint path, or ``None`` for the shipped checkpoint. ``strategy``:
+    ``model``: a TTSR, a shipped model's name (``"real"``, ``"bicubic"``), a checkpoint path,
+    or ``None`` for the default model. ``strategy``:
     ``None`` picks ``"ddp"`` for several processes; strategies that spawn or fork the workers
     are refused (the summary would stay in the workers). Jobs refused as bad input (unreadable
     image, over the memory budget) are reported to ``on_failure`` and counted; the others go on.

@@ -145,28 +145,24 @@ def add_model_arguments(
     tiles) and ``--debug``: the options of the commands that run a model; ``precision``: the
     ``--precision`` default.
 
-    ``per_process`` (``ttsr-infer-dist``): only ``--checkpoint``, ``--max-memory`` (per process)
-    and ``--tile``; the processes' devices are chosen by their own options.
+    ``per_process`` (``ttsr-infer-dist``): no ``--device`` (the processes' devices are chosen by
+    that command's own options); ``--max-memory`` is then per process.
     """
     group = parser.add_argument_group("model and resources")
-    if per_process:
-        group.add_argument(
-            "--checkpoint", metavar="PATH", help="ttsr checkpoint (default: the shipped checkpoint)"
-        )
-    else:
-        names = shipped_model_names()
-        described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
-        group.add_argument(
-            "--model",
-            choices=names,
-            help=f"shipped model to use (default: {names[0]}). {described}",
-        )
-        group.add_argument(
-            "--checkpoint",
-            metavar="PATH",
-            help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert "
-            "released TTSR weights with ttsr-convert)",
-        )
+    names = shipped_model_names()
+    described = "; ".join(f"{n}: {TTSRWeights.get(n).description}" for n in names)
+    group.add_argument(
+        "--model",
+        choices=names,
+        help=f"shipped model to use (default: {names[0]}). {described}",
+    )
+    group.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a ttsr checkpoint file (.pt) to use instead of a shipped model (convert "
+        "released TTSR weights with ttsr-convert)",
+    )
+    if not per_process:
         group.add_argument(
             "--device",
             default="auto",

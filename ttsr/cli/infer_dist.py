@@ -25,6 +25,7 @@ from ttsr.cli.common import (
     EXIT_OK,
     add_flag,
     add_model_arguments,
+    chosen_model,
     cli_main,
     error,
     positive_int,
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if not (args.lr and args.ref and args.out):
         parser.error("give --lr, --ref and --out")
+    model = chosen_model(args)
     jobs = [
         InferenceJob(job.lr, job.refs, job.out, tuple(extra_outputs(job.out, args).items()))
         for job in plan_jobs(args, parser)
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     summary = upscale_jobs(
         todo,
-        args.checkpoint,
+        model,
         accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.num_nodes,
