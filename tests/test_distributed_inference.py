@@ -110,7 +110,7 @@ def test_two_processes_write_the_same_files_as_one(
     )
 
     assert finished.returncode == 0, finished.stderr
-    assert "upscaled 3 of 3 images x4" in finished.stdout
+    assert f"upscaled 3 of 3 images x4 with checkpoint {checkpoint}" in finished.stdout
     assert "on 2 processes (2 + 1;" in finished.stdout  # each rank took its shard
     assert "Traceback" not in finished.stderr
     assert files_in(double) == files_in(single)  # no temporaries left, nothing missing

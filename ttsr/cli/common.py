@@ -252,10 +252,18 @@ def model_label(args: argparse.Namespace) -> str:
     return str(chosen_model(args) or shipped_model_names()[0])
 
 
+def _describe(name: str) -> str:
+    return f"the {name} model" if name in shipped_model_names() else f"checkpoint {name}"
+
+
 def describe_model(upscaler: Upscaler) -> str:
     """``"the real model"`` for a shipped model, ``"checkpoint PATH"`` for a file."""
-    name = upscaler.model_name
-    return f"the {name} model" if name in shipped_model_names() else f"checkpoint {name}"
+    return _describe(upscaler.model_name)
+
+
+def describe_chosen_model(args: argparse.Namespace) -> str:
+    """:func:`describe_model` of what the :func:`add_model_arguments` options ask for."""
+    return _describe(model_label(args))
 
 
 def build_upscaler(args: argparse.Namespace) -> Upscaler:

@@ -40,6 +40,7 @@ from ttsr.cli.common import (
     add_model_arguments,
     build_upscaler,
     cli_main,
+    describe_chosen_model,
     model_label,
     positive_int,
 )
@@ -300,9 +301,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         title = f"{table.settings['dataset']}: Y-PSNR (border {args.border})"
         save_image(summary_chart(table, title), out / "summary.png")
     count = f"{len(table.rows)} {unit}{'s' * (len(table.rows) != 1)}"
-    model = "" if args.bicubic_only else f" with the {model_label(args)} model"
-    if args.checkpoint:
-        model = f" with checkpoint {args.checkpoint}"
+    model = "" if args.bicubic_only else f" with {describe_chosen_model(args)}"
     print(f"{PROG}: {count}{model}; results in {out}/results.json and results.csv")
     return EXIT_OK
 

@@ -27,6 +27,7 @@ from ttsr.cli.common import (
     add_model_arguments,
     chosen_model,
     cli_main,
+    describe_chosen_model,
     error,
     positive_int,
 )
@@ -139,7 +140,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     shares = " + ".join(str(n) for n in summary.done_per_rank)
     skipped = len(jobs) - len(todo)
     print(
-        f"{PROG}: upscaled {summary.done} of {len(todo)} images x4 in {summary.seconds:.1f} s on "
+        f"{PROG}: upscaled {summary.done} of {len(todo)} images x4 with "
+        f"{describe_chosen_model(args)} in {summary.seconds:.1f} s on "
         f"{summary.world_size} process{'es' * (summary.world_size != 1)} ({shares}; "
         f"{summary.tiles} tiles)"
         + (f", skipped {skipped} already done" if skipped else "")
