@@ -290,3 +290,26 @@ def test_warm_start_of_a_deformable_run_from_hard_weights_keeps_the_head_start(t
     with torch.no_grad():  # the head starts as the hard transfer: same output
         expected = hard.eval()(lr, lrsr, ref, ref).sr
         torch.testing.assert_close(module.model.eval()(lr, lrsr, ref, ref).sr, expected)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each recipe in configs/ is valid for ttsr-train: every key names a real option."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "trainer:" in printed
+
+
+def test_config_with_a_misspelt_option_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    text = (CONFIGS / "real.yaml").read_text()
+    assert "    noise_probability:" in text
+    config = tmp_path / "typo.yaml"
+    config.write_text(text.replace("    noise_probability:", "    noise_probabilty:"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert stop.value.code == 2
+    assert "noise_probabil" in capsys.readouterr().err
